@@ -1,0 +1,1 @@
+"""Dataset readers, language partitions, subsets, batching and the built-in demo task."""

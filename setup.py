@@ -1,0 +1,29 @@
+"""xlmr_mini: distil multilingual XLM-R classifiers into smaller students.
+
+`kernels/` and `data/` sit at the top of the source tree but install inside the package, as
+`xlmr_mini.kernels` and `xlmr_mini.data`: top-level names like `kernels` or `data` would collide
+with other distributions (PyPI has a `kernels` package). In a checkout, the symlinks
+`xlmr_mini/kernels` and `xlmr_mini/data` give the same import names without installing.
+"""
+from setuptools import setup
+
+setup(
+    name="xlmr_mini",
+    version="0.1.0",
+    description="Plain-PyTorch toolkit for distilling multilingual XLM-R classifiers into smaller students",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["xlmr_mini", "xlmr_mini.kernels", "xlmr_mini.data"],
+    package_dir={"xlmr_mini": "xlmr_mini", "xlmr_mini.kernels": "kernels", "xlmr_mini.data": "data"},
+    install_requires=[
+        # 2.11 (GPU image) to 2.13 (CPU build): an open upper bound would pull a newer CUDA torch.
+        "torch>=2.11,<2.14",
+        "triton>=3.6,<4; platform_system == 'Linux'",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "pyarrow>=14",
+        "numpy>=1.24",
+    ],
+    extras_require={"test": ["pytest>=7", "transformers>=4.45"]},
+)

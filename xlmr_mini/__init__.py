@@ -1,0 +1,1 @@
+"""xlmr_mini: distil multilingual XLM-R classifiers into smaller students."""
