@@ -1,0 +1,172 @@
+"""XLM-R for sequence classification, natively in PyTorch, numerically equal to transformers.
+
+Embeddings -> N post-LN encoder layers -> classification head on `<s>`. Attention runs through
+`F.scaled_dot_product_attention`, except in the layers a caller taps for knowledge distillation:
+there it is computed explicitly so the pre-softmax scores and/or probabilities can be returned.
+Untapped layers keep nothing extra.
+"""
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xlmr_mini.config import XLMRConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Taps:
+    """What a forward pass records for distillation; `layers` are 0-based encoder layer indices."""
+
+    layers: tuple[int, ...] = ()
+    embeddings: bool = False  # the embedding output (after LayerNorm/dropout)
+    hidden: bool = False  # each tapped layer's output
+    scores: bool = False  # pre-softmax QK^T/sqrt(d), dtype min at masked keys, [B, H, T, T]
+    probs: bool = False  # softmax of the scores, [B, H, T, T]
+    qk: bool = False  # the layer's Q and K, [B, H, T, d], for attention KD without T x T maps
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor  # [B, num_labels]
+    embeddings: torch.Tensor | None = None  # [B, T, D]
+    hidden: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per tapped layer, [B, T, D]
+    scores: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per tapped layer, [B, H, T, T]
+    probs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    q: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per tapped layer, [B, H, T, d]
+    k: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+def position_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """RoBERTa's rule: positions count non-pad tokens from pad_id + 1; pads get pad_id."""
+    not_pad = input_ids.ne(pad_id).int()
+    return (torch.cumsum(not_pad, dim=1) * not_pad).long() + pad_id
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: XLMRConfig):
+        super().__init__()
+        self.pad_id = cfg.pad_token_id
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # token_type_ids are all zero for XLM-R: add row 0 rather than gather a [B, T] index.
+        x = self.word(input_ids) + self.token_type.weight[0] + self.position(position_ids(input_ids, self.pad_id))
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: XLMRConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, d]
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, taps: Taps | None, out: Output) -> torch.Tensor:
+        """x [B, T, D]; keep [B, 1, 1, T] bool (True = attend) or None; taps only on tapped layers."""
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        dropout_p = self.dropout_p if self.training else 0.0
+        if taps is not None and taps.qk:
+            out.q.append(q)
+            out.k.append(k)
+        if taps is None or not (taps.scores or taps.probs):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # [B, H, T, T]
+            if keep is not None:
+                # transformers adds the dtype's min at masked keys; in floating point that is this.
+                scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(dim=-1)
+            if taps.scores:
+                out.scores.append(scores)
+            if taps.probs:
+                out.probs.append(probs)
+            y = F.dropout(probs, dropout_p, self.training) @ v
+        b, _, t, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))  # [B, T, D]
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: XLMRConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = nn.ModuleDict(
+            {"up": nn.Linear(cfg.hidden_size, cfg.intermediate_size), "down": nn.Linear(cfg.intermediate_size, cfg.hidden_size)}
+        )
+        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x, keep, taps: Taps | None, out: Output) -> torch.Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, keep, taps, out)))
+        h = self.mlp["down"](F.gelu(self.mlp["up"](x)))
+        return self.mlp_norm(x + self.dropout(h))
+
+
+class ClassificationHead(nn.Module):
+    """dense -> tanh -> out_proj on the `<s>` token, with dropout before each projection."""
+
+    def __init__(self, cfg: XLMRConfig):
+        super().__init__()
+        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.dense(self.dropout(x[:, 0])))  # [B, D]
+        return self.out_proj(self.dropout(x))  # [B, num_labels]
+
+
+class XLMRClassifier(nn.Module):
+    def __init__(self, cfg: XLMRConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.head = ClassificationHead(cfg)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                taps: Taps | None = None) -> Output:
+        """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = pad; default: all tokens)."""
+        x = self.embed(input_ids)  # [B, T, D]
+        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+        out = Output(logits=x.new_empty(0))
+        tapped = set(taps.layers) if taps is not None else set()
+        if taps is not None and taps.embeddings:
+            out.embeddings = x
+        for i, layer in enumerate(self.layers):
+            layer_taps = taps if i in tapped else None
+            x = layer(x, keep, layer_taps, out)
+            if layer_taps is not None and taps.hidden:
+                out.hidden.append(x)
+        out.logits = self.head(x)
+        return out
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float) -> None:
+    """transformers' init: N(0, std) weights, zero biases, LayerNorm ones/zeros, zero padding row."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, std)
+            m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(0.0, std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.fill_(1.0)
+            m.bias.zero_()
