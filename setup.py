@@ -25,5 +25,6 @@ setup(
         "pyarrow>=14",
         "numpy>=1.24",
     ],
-    extras_require={"test": ["pytest>=7", "transformers>=4.45"]},
+    # setuptools: tests build and install the package itself (tests/test_install.py).
+    extras_require={"test": ["pytest>=7", "transformers>=4.45", "setuptools>=70.1"]},
 )

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random XLM-R checkpoints built with transformers (no downloads)."""
+import os
+from pathlib import Path
+
+# Triton kernels run on CPU tensors through the interpreter in tests; set before triton imports.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def requires_shared(*parts: str):
+    """Skip unless the real material `<repo>/../shared/<parts>` is present."""
+    path = SHARED.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"real data not present: {path} is missing")
+
+
+def hf_config(**overrides):
+    from transformers import XLMRobertaConfig
+
+    kw = dict(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              intermediate_size=37, max_position_embeddings=40, type_vocab_size=1, num_labels=5,
+              layer_norm_eps=1e-5, attn_implementation="eager")
+    kw.update(overrides)
+    return XLMRobertaConfig(**kw)
+
+
+def hf_classifier(seed: int = 0, **overrides):
+    """A random transformers XLMRobertaForSequenceClassification in eval mode."""
+    from transformers import XLMRobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    return XLMRobertaForSequenceClassification(hf_config(**overrides)).eval()
+
+
+def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1, seed: int = 0):
+    """(input_ids, attention_mask) with `<s>` first, `</s>` last and pads after each length."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.randint(3, vocab_size, (len(lengths), t), generator=g)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        ids[row, 0], ids[row, n - 1] = 0, 2
+    ids[mask == 0] = pad_id
+    return ids, mask

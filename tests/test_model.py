@@ -1,0 +1,133 @@
+"""The native encoder against transformers: logits, hidden states, attentions, gradients, bf16."""
+import math
+
+import pytest
+import torch
+from conftest import hf_classifier, padded_batch
+
+from xlmr_mini.checkpoint import build_model, canonical_key, native_to_hf
+from xlmr_mini.config import XLMRConfig
+from xlmr_mini.model import Taps, position_ids
+
+FP32_ATOL = 1e-5
+
+
+def native_from(hf):
+    cfg = XLMRConfig.from_hf_dict(hf.config.to_dict())
+    state = {canonical_key(k): v for k, v in hf.state_dict().items()}
+    return build_model(cfg, state).eval()
+
+
+def run_both(hf, ours, ids, mask):
+    all_layers = tuple(range(ours.cfg.num_hidden_layers))
+    ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    out = ours(ids, mask, taps=Taps(layers=all_layers, embeddings=True, hidden=True, scores=True, probs=True))
+    return ref, out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(num_hidden_layers=2, num_attention_heads=3, hidden_size=48, intermediate_size=20, num_labels=2),
+        # base-sized layers (768 hidden, 12 heads, 3072 intermediate) with a small vocabulary
+        dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12, num_labels=60),
+    ],
+    ids=["tiny", "odd-heads", "base-sized"],
+)
+def test_forward_matches_transformers_fp32(overrides):
+    hf = hf_classifier(**overrides)
+    ours = native_from(hf)
+    ids, mask = padded_batch(hf.config.vocab_size, [13, 5, 1 + 1, 9])
+    with torch.no_grad():
+        ref, out = run_both(hf, ours, ids, mask)
+    torch.testing.assert_close(out.logits, ref.logits, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(out.embeddings, ref.hidden_states[0], atol=FP32_ATOL, rtol=0)
+    assert len(out.hidden) == len(ref.hidden_states) - 1
+    for ours_h, ref_h in zip(out.hidden, ref.hidden_states[1:]):
+        torch.testing.assert_close(ours_h, ref_h, atol=FP32_ATOL, rtol=0)
+    for ours_p, ref_p in zip(out.probs, ref.attentions):
+        torch.testing.assert_close(ours_p, ref_p, atol=FP32_ATOL, rtol=0)
+
+
+def test_scores_are_pre_softmax_and_masked():
+    hf = hf_classifier()
+    ours = native_from(hf)
+    ids, mask = padded_batch(hf.config.vocab_size, [6, 3])
+    with torch.no_grad():
+        out = ours(ids, mask, taps=Taps(layers=(1,), scores=True, probs=True, qk=True))
+    scores, probs, q, k = out.scores[0], out.probs[0], out.q[0], out.k[0]
+    torch.testing.assert_close(scores.softmax(-1), probs)
+    expected = q @ k.transpose(-1, -2) / math.sqrt(ours.cfg.head_dim)
+    valid = mask.bool()[:, None, None, :].expand_as(scores)
+    torch.testing.assert_close(scores[valid], expected[valid])
+    assert (scores[~valid] == torch.finfo(scores.dtype).min).all()
+
+
+def test_untapped_layers_keep_nothing():
+    hf = hf_classifier(num_hidden_layers=4)
+    ours = native_from(hf)
+    ids, mask = padded_batch(hf.config.vocab_size, [7, 4])
+    with torch.no_grad():
+        out = ours(ids, mask, taps=Taps(layers=(1, 3), hidden=True, probs=True))
+        plain = ours(ids, mask)
+    assert len(out.hidden) == 2 and len(out.probs) == 2
+    assert out.scores == [] and out.q == [] and out.embeddings is None
+    assert plain.hidden == [] and plain.probs == [] and plain.embeddings is None
+    torch.testing.assert_close(out.logits, plain.logits, atol=FP32_ATOL, rtol=0)
+
+
+def test_position_ids_follow_roberta_rule():
+    ids = torch.tensor([[0, 5, 6, 2, 1, 1], [0, 2, 1, 1, 1, 1]])
+    assert position_ids(ids, pad_id=1).tolist() == [[2, 3, 4, 5, 1, 1], [2, 3, 1, 1, 1, 1]]
+
+
+def test_gradients_match_transformers():
+    hf = hf_classifier(num_hidden_layers=2)
+    ours = native_from(hf)
+    ids, mask = padded_batch(hf.config.vocab_size, [9, 4, 6])
+    labels = torch.tensor([0, 3, 1])
+    ref_loss = torch.nn.functional.cross_entropy(hf(input_ids=ids, attention_mask=mask).logits, labels)
+    our_loss = torch.nn.functional.cross_entropy(ours(ids, mask).logits, labels)
+    ref_loss.backward()
+    our_loss.backward()
+    torch.testing.assert_close(our_loss, ref_loss, atol=FP32_ATOL, rtol=0)
+    ref_grads = {canonical_key(k): p.grad for k, p in hf.named_parameters()}
+    our_grads = native_to_hf({name: p.grad for name, p in ours.named_parameters()})
+    assert our_grads.keys() == ref_grads.keys()
+    for key, grad in our_grads.items():
+        torch.testing.assert_close(grad, ref_grads[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_dropout_is_active_in_training_and_off_in_eval():
+    hf = hf_classifier(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    ours = native_from(hf)
+    ids, mask = padded_batch(hf.config.vocab_size, [8, 8])
+    ours.train()
+    torch.manual_seed(0)
+    a = ours(ids, mask).logits
+    b = ours(ids, mask).logits
+    assert not torch.allclose(a, b)
+    ours.eval()
+    torch.testing.assert_close(ours(ids, mask).logits, ours(ids, mask).logits, atol=0, rtol=0)
+
+
+# bf16: both implementations are compared with the fp32 result; ours must be within 2x of
+# transformers' own bf16 error (plus a small floor for ties in rounding).
+@pytest.mark.parametrize("mode", ["bf16-weights", "autocast"])
+def test_bf16_error_within_2x_of_transformers(mode):
+    hf = hf_classifier(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    ours = native_from(hf)
+    ids, mask = padded_batch(hf.config.vocab_size, [12, 5, 9])
+    with torch.no_grad():
+        exact = hf(input_ids=ids, attention_mask=mask).logits
+        if mode == "bf16-weights":
+            ref = hf.to(torch.bfloat16)(input_ids=ids, attention_mask=mask).logits.float()
+            got = ours.to(torch.bfloat16)(ids, mask).logits.float()
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref = hf(input_ids=ids, attention_mask=mask).logits.float()
+                got = ours(ids, mask).logits.float()
+    ref_err = (ref - exact).abs().max().item()
+    our_err = (got - exact).abs().max().item()
+    assert our_err <= 2 * ref_err + 1e-3, (our_err, ref_err)
