@@ -1,0 +1,226 @@
+"""`python -m xlmr_mini.train`: end to end on the demo and on real tweets, resume, bad input, compile."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SHARED, padded_batch, requires_shared
+from xlmr_mini.checkpoint import load_model, save_hf
+from xlmr_mini.config import XLMRConfig
+from xlmr_mini.copy_weights import scratch_state_dict
+from xlmr_mini.data import build_demo
+from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
+from xlmr_mini.model import XLMRClassifier, init_weights
+from xlmr_mini.train import TrainConfig, compile_forward_loss, demo_architecture, forward_loss, main, train
+
+TSM = SHARED / "data" / "tweet_sentiment_multilingual"
+XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def demo_teacher(cache, tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide demo teacher fine-tuned from scratch (the teacher path of `train`)."""
+    task = build_demo(cache)
+    arch = demo_architecture(task).replace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128)
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = TrainConfig(init="from-scratch", data="demo", no_kd=True, epochs=30, lr=1e-3, warmup_ratio=0.1, out=str(out),
+                      cache_dir=str(cache), eval_steps=750)
+    result = train(cfg, arch=arch, quiet=True)
+    print(f"demo test teacher: dev macro-F1 {result['dev_macro_f1']:.3f}")
+    assert result["dev_macro_f1"] > 0.5, result["dev_macro_f1"]
+    return out / "best"
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_kd_run_writes_metrics_results_and_hf_model(demo_teacher, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "12",
+                   "--eval-steps", "5", "--out", str(out), "--cache-dir", str(cache), "--num-threads", "1"])
+    printed = capsys.readouterr().out
+    assert "macro-F1" in printed and "epsilon *" in printed and f"wrote {out}" in printed
+    records = _records(out)
+    train_steps = [r["step"] for r in records if r["type"] == "train"]
+    assert train_steps == list(range(1, 13))
+    assert all(set(r) >= {"loss", "att", "hid", "embd", "pred", "clf", "lr"} for r in records if r["type"] == "train")
+    assert [r["step"] for r in records if r["type"] == "eval" and not r.get("final")] == [5, 10, 12]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["final_split"] == "test" and saved["config"]["layers"] == 1 and saved["steps"] == 12
+    assert saved["final"]["overall"]["macro_f1"] == result["final"]["overall"]["macro_f1"]
+    assert set(saved["final"]["languages"]) == {"alpha", "beta", "gamma", "delta", "epsilon", "zeta"}
+    _check_transformers_loads(out / "best")
+
+
+def _check_transformers_loads(path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ours = load_model(path).eval()
+    ids, mask = padded_batch(ours.cfg.vocab_size, [6, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, ours(ids, mask).logits,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_from_teacher_kd_beats_from_scratch_no_kd(demo_teacher, cache, tmp_path):
+    """The pipeline transfers knowledge: same student size, data, steps and learning rate."""
+    common = dict(data="demo", teacher=str(demo_teacher), layers=1, epochs=3, cache_dir=str(cache), num_threads=1)
+    kd = train(TrainConfig(init="from-teacher", out=str(tmp_path / "kd"), **common), quiet=True)
+    scratch = train(TrainConfig(init="from-scratch", no_kd=True, out=str(tmp_path / "scratch"), **common), quiet=True)
+    assert kd["dev_macro_f1"] > scratch["dev_macro_f1"] + 0.15, (kd["dev_macro_f1"], scratch["dev_macro_f1"])
+
+
+def test_resume_reaches_the_same_weights(demo_teacher, cache, tmp_path):
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "9",
+              "--eval-steps", "4", "--cache-dir", str(cache), "--num-threads", "1", "--hidden", "32"]
+    main(common + ["--out", str(tmp_path / "whole")])
+    stopped = main(common + ["--out", str(tmp_path / "split"), "--stop-after", "6"])
+    assert stopped == {"stopped_at": 6}
+    with pytest.raises(SystemExit) as e:  # an unfinished run is not silently restarted
+        main(common + ["--out", str(tmp_path / "split")])
+    assert e.value.code == 2
+    main(common + ["--out", str(tmp_path / "split"), "--resume"])
+    whole = load_file(tmp_path / "whole" / "checkpoint" / "model.safetensors")
+    split = load_file(tmp_path / "split" / "checkpoint" / "model.safetensors")
+    assert whole.keys() == split.keys() and any(k.startswith("proj.") for k in whole)
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+    steps = [r["step"] for r in _records(tmp_path / "split") if r["type"] == "train"]
+    assert steps == list(range(1, 10))
+
+
+@pytest.mark.parametrize("flags", [["--bf16"], ["--kd-impl", "fused", "--att-target", "probs"],
+                                   ["--hid-proj", "select", "--hidden", "32"]])
+def test_training_options_run(flags, demo_teacher, cache, tmp_path):
+    out = tmp_path / "o"
+    result = main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "2",
+                   "--out", str(out), "--cache-dir", str(cache), "--num-threads", "1"] + flags)
+    losses = [r["loss"] for r in _records(out) if r["type"] == "train"]
+    assert len(losses) == 2 and all(map(math.isfinite, losses)) and result["steps"] == 2
+
+
+def test_several_seeds_report_mean_and_spread(demo_teacher, cache, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    summary = main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "2",
+                    "--seeds", "1", "2", "--out", str(out), "--cache-dir", str(cache), "--num-threads", "1"])
+    assert "mean of 2 seeds" in capsys.readouterr().out
+    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (1, 2)]
+    f1 = [r["final"]["overall"]["macro_f1"] for r in runs]
+    assert summary["seeds"] == [1, 2] and summary["final_macro_f1"]["mean"] == pytest.approx(sum(f1) / 2)
+    assert json.loads((out / "results.json").read_text())["final_macro_f1"]["n"] == 2
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(demo_teacher, cache, tmp_path, monkeypatch, capsys):
+    import xlmr_mini.train as train_module
+
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        total, terms = forward_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] == 5 else total), terms
+
+    monkeypatch.setattr(train_module, "forward_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "8",
+              "--eval-steps", "3", "--out", str(out), "--cache-dir", str(cache), "--num-threads", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "step 5" in err and "nan" in err and "checkpoint" in err
+    assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("case", ["unknown-init", "no-teacher", "labels", "different-run"])
+def test_bad_input_is_one_line_exit_2(case, demo_teacher, cache, tmp_path, capsys):
+    base = ["--cache-dir", str(cache), "--num-threads", "1", "--out", str(tmp_path / "o"), "--max-steps", "1"]
+    if case == "unknown-init":
+        argv, expect = ["--init", "from-nowhere"], "invalid choice"
+    elif case == "no-teacher":
+        data = tmp_path / "d.jsonl"
+        data.write_text('{"text": "a", "label": "x", "lang": "en", "split": "train"}\n'
+                        '{"text": "b", "label": "y", "lang": "en", "split": "dev"}\n')
+        argv, expect = ["--init", "from-teacher", "--data", f"file:{data}"], "--teacher"
+    elif case == "labels":
+        other = tmp_path / "t"
+        cfg = XLMRConfig.from_hf(demo_teacher).replace(id2label=("a", "b", "c"))
+        save_hf(other, cfg, scratch_state_dict(cfg, 0), demo_teacher / "tokenizer.json")
+        argv, expect = ["--init", "from-teacher", "--teacher", str(other)], "not among the model's"
+    else:
+        main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1"] + base)
+        capsys.readouterr()
+        argv, expect = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "2"], "different run"
+    with pytest.raises(SystemExit) as e:
+        main(argv + base)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
+
+
+@requires_shared("data", "tweet_sentiment_multilingual")
+@requires_shared("tokenizers", "xlm-roberta", "tokenizer.json")
+def test_real_tweets_teacher_then_student(cache, tmp_path, capsys):
+    """A tiny random 'base' over XLM-R's real vocabulary: fine-tune it as a teacher, distil a student."""
+    base = tmp_path / "base"
+    cfg = XLMRConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     max_position_embeddings=130)
+    save_hf(base, cfg, scratch_state_dict(cfg, 0), XLMR_TOKENIZER)
+    data = ["--data", f"tsm:{TSM}", "--subset", "0.02", "--max-length", "32", "--cache-dir", str(cache),
+            "--num-threads", "1", "--eval-batch-size", "256"]
+    teacher = main(["--init", "from-base", "--base", str(base), "--no-kd", "--max-steps", "6", "--out",
+                    str(tmp_path / "teacher")] + data)
+    assert teacher["final_split"] == "dev" and teacher["student"]["layers"] == 2
+    student = main(["--init", "from-teacher", "--teacher", str(tmp_path / "teacher" / "best"), "--max-steps", "4",
+                    "--out", str(tmp_path / "student")] + data)
+    printed = capsys.readouterr().out
+    assert "no test split found" in printed and "arabic *" in printed
+    assert student["student"]["layers"] == 1 and set(student["final"]["languages"]) == {
+        "arabic", "english", "french", "german", "hindi", "italian", "portuguese", "spanish"}
+    assert len([r for r in _records(tmp_path / "student") if r["type"] == "train"]) == 4
+    _check_transformers_loads(tmp_path / "student" / "best")
+
+
+def _tiny_pair():
+    def model(layers, hidden, seed):
+        torch.manual_seed(seed)
+        cfg = XLMRConfig(vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=2 * hidden, max_position_embeddings=40, id2label=("a", "b", "c"))
+        m = XLMRClassifier(cfg)
+        init_weights(m, 0.2)
+        return m
+
+    return model(4, 64, 0).eval(), model(2, 32, 1).train()
+
+
+def test_compiled_kd_step_matches_eager():
+    """The KD training step's forward + loss compiles with fullgraph=True (reference path, CPU) and
+    gives the eager loss and gradients."""
+    teacher, student = _tiny_pair()
+    proj = HiddenProjection(32, 64)
+    loss_cfg = KDLossConfig()
+    ids, mask = padded_batch(60, [9, 4, 7])
+    labels = torch.tensor([0, 2, 1])
+    with torch.inference_mode():
+        t_out = teacher(ids, mask, kd_taps(loss_cfg, [1, 3]))
+    student.eval()  # no dropout: the two runs must see the same function
+    results = []
+    for fn in (forward_loss, compile_forward_loss("inductor")):
+        student.zero_grad()
+        proj.zero_grad()
+        total, terms = fn(student, proj, ids, mask, labels, t_out, loss_cfg, [1, 3])
+        total.backward()
+        grads = [p.grad.clone() for p in list(student.parameters()) + list(proj.parameters())]
+        results.append((total.detach(), grads))
+    (t_e, g_e), (t_c, g_c) = results
+    torch.testing.assert_close(t_c, t_e, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,187 @@
+"""TinyBERT's distillation objective (paper §2.1, eqs. 1-4), the one PyTorch reference of it.
+
+    L_overall = L_att + L_hid + L_embd + L_pred + L_clf      (each weighted, default 1)
+
+Student layer i (1-based) is matched to teacher layer k = i * divisor (eq. 5); `layer_map` from
+`copy_weights` gives the 0-based teacher layer per student layer, the same one the weight copy
+used. Every term that compares token positions ignores padding, with one definition (the same
+as the kernels in `xlmr_mini.kernels`, which are checked against this file's reference path):
+
+- L_hid (eq. 2) and L_embd (eq. 3): per layer, the sum of squared differences over valid tokens
+  and hidden units divided by (n_valid_tokens * D_teacher); L_hid averages over student layers.
+  `layer_mse_reference` is the definition.
+- L_att (eq. 1): entry (b, h, q, k) of the [B, H, T, T] map counts iff both the query q and the
+  key k are valid tokens of sequence b; per layer the sum over counted entries divided by
+  (H * sum_b n_b^2), which is the mean over heads of each head's MSE over its valid entries; then
+  the mean over student layers. `attention_map_mse_reference` is the definition. Masked entries
+  are excluded (TinyBERT's code instead zeroes the masked scores of both models, which is the
+  same for keys and differs only in also counting pad queries); pre-softmax scores hold the
+  dtype's min at masked keys and are never multiplied by 0.
+- L_pred (eq. 4): MSE of the logits, mean over batch and classes (no temperature, as the paper).
+- L_clf: cross-entropy of the student's logits against the gold labels.
+
+Width. When the student is narrower than the teacher, W in eqs. 2-3 is either a learnable linear
+map student -> teacher width (`HiddenProjection`, TinyBERT's `fit_dense`; trained with the
+student, kept in the training checkpoint, not in the exported student) or, with `select`, no
+parameters: the student is compared with the teacher's evenly spaced units, the ones the weight
+copy took (`copy_weights.hidden_indices`). Then the MSE divides by the student's width.
+
+Attention may be compared as materialized maps (`impl="reference"`: taps `scores` or `probs`)
+or from Q and K without T x T maps (`impl="fused"`: taps `qk`, Triton kernels on GPU). Both need
+the student to have the teacher's head count.
+"""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xlmr_mini.copy_weights import hidden_indices
+from xlmr_mini.errors import InputError
+from xlmr_mini.kernels.attention_kd import (
+    attention_map_mse_reference,
+    attention_prob_mse,
+    attention_score_mse,
+)
+from xlmr_mini.kernels.layer_mse import layer_mse, layer_mse_reference
+from xlmr_mini.model import Output, Taps
+
+TERMS = ("att", "hid", "embd", "pred", "clf")
+ATT_TARGETS = ("scores", "probs")
+HID_PROJS = ("linear", "select")
+IMPLS = ("reference", "fused")
+
+
+@dataclasses.dataclass(frozen=True)
+class KDLossConfig:
+    kd: bool = True  # False: L_clf only (the paper's NON-KD rows)
+    att_target: str = "scores"  # scores: pre-softmax QK^T/sqrt(d) (TinyBERT's code) | probs
+    hid_proj: str = "linear"  # W for a narrower student: linear (fit_dense) | select
+    impl: str = "reference"  # reference: PyTorch on materialized maps | fused: the kernels
+    w_att: float = 1.0
+    w_hid: float = 1.0
+    w_embd: float = 1.0
+    w_pred: float = 1.0
+    w_clf: float = 1.0
+
+    def __post_init__(self):
+        for name, value, choices in (("att_target", self.att_target, ATT_TARGETS),
+                                     ("hid_proj", self.hid_proj, HID_PROJS), ("impl", self.impl, IMPLS)):
+            if value not in choices:
+                raise InputError(f"{name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def kd_taps(cfg: KDLossConfig, layers) -> Taps | None:
+    """What a model records for the loss: `layers` (0-based) with hidden states and attention,
+    plus the embeddings. None without KD (the forward then keeps nothing)."""
+    if not cfg.kd:
+        return None
+    fused = cfg.impl == "fused"
+    return Taps(layers=tuple(sorted(set(layers))), embeddings=True, hidden=True,
+                scores=not fused and cfg.att_target == "scores",
+                probs=not fused and cfg.att_target == "probs", qk=fused)
+
+
+class HiddenProjection(nn.Module):
+    """W of eqs. 2-3: identity at equal widths, else `fit_dense` (linear) or unit selection.
+
+    `forward(h_s, h_t)` returns the pair to compare, both of the same width.
+    """
+
+    def __init__(self, student_hidden: int, teacher_hidden: int, mode: str = "linear"):
+        super().__init__()
+        if student_hidden > teacher_hidden:
+            raise InputError(f"student hidden size {student_hidden} is wider than the teacher's {teacher_hidden}")
+        if mode not in HID_PROJS:
+            raise InputError(f"hid_proj {mode!r}: choose one of {', '.join(HID_PROJS)}")
+        self.mode = "identity" if student_hidden == teacher_hidden else mode
+        self.fit_dense = nn.Linear(student_hidden, teacher_hidden) if self.mode == "linear" else None
+        if self.fit_dense is not None:  # BERT-style init, as TinyBERT's fit_dense gets
+            nn.init.normal_(self.fit_dense.weight, std=0.02)
+            nn.init.zeros_(self.fit_dense.bias)
+        index = hidden_indices(teacher_hidden, student_hidden) if self.mode == "select" else torch.empty(0, dtype=torch.long)
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self, h_s: torch.Tensor, h_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "linear":
+            return self.fit_dense(h_s), h_t
+        if self.mode == "select":
+            return h_s, h_t.index_select(-1, self.index)
+        return h_s, h_t
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    # The references' `upcast` turns anything into fp32; fp64 (gradcheck) must stay fp64.
+    return x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if _upcast(x) else x
+
+
+def _hidden_mse(h_s, h_t, mask, fused: bool) -> torch.Tensor:
+    """[L, B, T, D] pair -> [L]."""
+    if fused:
+        return layer_mse(h_s, h_t.to(h_s.dtype), mask)
+    return layer_mse_reference(h_s, h_t, mask, upcast=_upcast(h_s))
+
+
+def _attention_mse(s: Output, t: Output, pos: list[int], mask, cfg: KDLossConfig) -> torch.Tensor:
+    """[L] over student layers; teacher layer of student layer i is t's tapped entry pos[i]."""
+    if cfg.impl == "fused":
+        q_s, k_s = torch.stack(s.q), torch.stack(s.k)  # [L, B, H, T, d_s]
+        q_t = torch.stack([t.q[p] for p in pos]).to(q_s.dtype)  # [L, B, H, T, d_t]
+        k_t = torch.stack([t.k[p] for p in pos]).to(q_s.dtype)
+        fn = attention_score_mse if cfg.att_target == "scores" else attention_prob_mse
+        return fn(q_s, k_s, q_t, k_t, mask)
+    maps_s = s.scores if cfg.att_target == "scores" else s.probs
+    maps_t = t.scores if cfg.att_target == "scores" else t.probs
+    a_s = torch.stack(maps_s)  # [L, B, H, T, T]
+    a_t = torch.stack([maps_t[p] for p in pos])
+    return attention_map_mse_reference(a_s, a_t, mask, upcast=_upcast(a_s))
+
+
+def teacher_positions(layer_map: list[int]) -> list[int]:
+    """Index, in the teacher's tapped lists (sorted layers), of each student layer's target."""
+    tapped = sorted(set(layer_map))
+    return [tapped.index(k) for k in layer_map]
+
+
+def kd_loss(student_out: Output, teacher_out: Output | None, labels: torch.Tensor, mask: torch.Tensor,
+            cfg: KDLossConfig, proj: HiddenProjection | None = None,
+            layer_map: list[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(L_overall, {"att", "hid", "embd", "pred", "clf"}) as fp32 scalars (KD terms 0 without KD).
+
+    student_out: taps of every student layer (`kd_taps(cfg, range(L_s))`); teacher_out: taps of
+    the layers `layer_map` names (`kd_taps(cfg, layer_map)`), computed without grad; mask [B, T]
+    (1 = token). `proj` maps student to teacher width (None: identity).
+    """
+    z_s = student_out.logits
+    terms = {"clf": F.cross_entropy(_at_least_fp32(z_s), labels)}
+    if not cfg.kd:
+        zero = terms["clf"].new_zeros(())
+        terms = {"att": zero, "hid": zero, "embd": zero, "pred": zero, **terms}
+    else:
+        terms = {**_kd_terms(student_out, teacher_out, mask, cfg, proj, layer_map), **terms}
+    weights = {"att": cfg.w_att, "hid": cfg.w_hid, "embd": cfg.w_embd, "pred": cfg.w_pred, "clf": cfg.w_clf}
+    total = sum(weights[name] * terms[name] for name in TERMS)
+    return total, terms
+
+
+def _kd_terms(s: Output, t: Output, mask, cfg: KDLossConfig, proj, layer_map) -> dict[str, torch.Tensor]:
+    if len(layer_map) != len(s.hidden):
+        raise ValueError(f"layer_map has {len(layer_map)} entries for {len(s.hidden)} tapped student layers")
+    pos = teacher_positions(layer_map)
+    fused = cfg.impl == "fused"
+    proj = proj if proj is not None else (lambda a, b: (a, b))
+    h_s, h_t = proj(torch.stack(s.hidden), torch.stack([t.hidden[p] for p in pos]))  # [L, B, T, D]
+    e_s, e_t = proj(s.embeddings[None], t.embeddings[None])  # [1, B, T, D]
+    # Subtractions, not F.mse_loss: the teacher's tensors may be inference tensors, which autograd
+    # must never save; a difference saves nothing of its inputs.
+    pred = (_at_least_fp32(s.logits) - t.logits.to(_at_least_fp32(s.logits).dtype)).square().mean()
+    return {
+        "att": _attention_mse(s, t, pos, mask, cfg).mean(),
+        "hid": _hidden_mse(h_s, h_t, mask, fused).mean(),
+        "embd": _hidden_mse(e_s, e_t, mask, fused)[0],
+        "pred": pred,
+    }
