@@ -226,7 +226,7 @@ class TrainConfig:
     subset: float = _field(1.0, "train on this stratified fraction of the training split (0-1]")
     epochs: int | None = _field(None, f"training epochs (default: {PAPER_EPOCHS} as the paper; the demo: {DEMO_EPOCHS})")
     max_steps: int | None = _field(None, "train exactly this many steps instead (the schedule decays over them)")
-    batch_size: int = _field(32, "training batch size")
+    batch_size: int = _field(32, "training batch size (transformers' Trainer default, which the paper kept, is 8)")
     eval_batch_size: int = _field(64, "evaluation batch size")
     lr: float | None = _field(None, f"peak learning rate (default: 5e-5, transformers' default; the demo: {DEMO_LR})")
     weight_decay: float = _field(0.0, "AdamW weight decay")
