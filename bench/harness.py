@@ -36,7 +36,7 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -47,13 +47,13 @@ class _PeakRSS:
     def __enter__(self):
         import threading
 
-        self.base = _rss_mb()
+        self.base = rss_mb()
         self.peak = self.base
         self._stop = threading.Event()
 
         def sample():
             while not self._stop.is_set():
-                self.peak = max(self.peak, _rss_mb())
+                self.peak = max(self.peak, rss_mb())
                 time.sleep(0.002)
 
         self._thread = threading.Thread(target=sample, daemon=True)
@@ -63,15 +63,16 @@ class _PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self.peak = max(self.peak, rss_mb())
 
 
 def measure(name, fn, items: float, rate_unit: str = "samples/s", warmup: int = 2, repeats: int = 5,
-            device: torch.device | str = "cpu") -> Measurement:
+            device: torch.device | str = "cpu", mem_base_mb: float | None = None) -> Measurement:
     """Run `fn()` `warmup` times untimed, then `repeats` times timed; `items` per call sets the rate.
 
-    Peak memory: on CUDA, `max_memory_allocated` above what was allocated before the timed runs; on
-    CPU, the peak resident set size above the process's size at the start (a sampling thread).
+    Peak memory during the timed runs, above `mem_base_mb` (default: what was in use when they
+    started): on CUDA `max_memory_allocated`; on CPU the resident set size, sampled by a thread
+    (see `rss_mb`; run with MALLOC_MMAP_THRESHOLD_ set low so freed tensors leave the RSS).
     """
     device = torch.device(device)
     for _ in range(warmup):
@@ -81,7 +82,7 @@ def measure(name, fn, items: float, rate_unit: str = "samples/s", warmup: int = 
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        base = torch.cuda.memory_allocated(device) if mem_base_mb is None else mem_base_mb * 2**20
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
@@ -94,7 +95,7 @@ def measure(name, fn, items: float, rate_unit: str = "samples/s", warmup: int = 
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
-        peak = rss.peak - rss.base
+        peak = rss.peak - (rss.base if mem_base_mb is None else mem_base_mb)
     med = statistics.median(times)
     return Measurement(name, med, (max(times) - min(times)) / 2, peak, items / med, rate_unit)
 
