@@ -7,7 +7,6 @@ are drawn from pools of similar lengths.
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from xlmr_mini.data.task import Split
+from xlmr_mini.files import atomic_write
 
 ENCODING_VERSION = 1  # bump when the cached layout or the encoding rule changes
 POOL_BATCHES = 50  # batches per length-sorting pool: big enough to bucket, small enough to stay random
@@ -24,19 +24,6 @@ POOL_BATCHES = 50  # batches per length-sorting pool: big enough to bucket, smal
 def default_cache_dir() -> Path:
     """`$XLMR_MINI_CACHE`, else ~/.cache/xlmr_mini."""
     return Path(os.environ.get("XLMR_MINI_CACHE") or Path.home() / ".cache" / "xlmr_mini")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _file_hashes: dict[tuple, str] = {}

@@ -20,7 +20,8 @@ import json
 import random
 from pathlib import Path
 
-from xlmr_mini.data.batching import atomic_write, default_cache_dir
+from xlmr_mini.data.batching import default_cache_dir
+from xlmr_mini.files import atomic_write
 from xlmr_mini.data.task import TaskData
 
 DEMO_VERSION = 1

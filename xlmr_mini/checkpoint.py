@@ -7,10 +7,7 @@ translation, used in both directions.
 """
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +16,7 @@ from safetensors.torch import save_file
 
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.errors import InputError
+from xlmr_mini.files import atomic_write
 from xlmr_mini.model import XLMRClassifier, init_weights
 
 log = logging.getLogger(__name__)
@@ -86,6 +84,24 @@ def expected_shapes(cfg: XLMRConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in native_to_hf(model.state_dict()).items()}
 
 
+def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                    source: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Canonical keys, each known and of the shape the config implies; other models' heads
+    (LM head, pooler) are dropped and their names returned. Unknown keys and wrong shapes raise."""
+    kept, ignored = {}, set()
+    for key, tensor in tensors.items():
+        key = canonical_key(key)
+        if IGNORABLE.match(key):
+            ignored.add(key.split(".")[0] if key.startswith("lm_head") else ".".join(key.split(".")[:2]))
+        elif key not in shapes:
+            raise InputError(f"{source}: unexpected tensor {key!r} (not part of an XLM-R classifier)")
+        elif tuple(tensor.shape) != shapes[key]:
+            raise InputError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {shapes[key]}")
+        else:
+            kept[key] = tensor
+    return kept, ignored
+
+
 def _weight_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
@@ -131,16 +147,9 @@ def read_hf_state_dict(path: str | Path, init_missing_classifier: bool = True) -
     state: dict[str, torch.Tensor] = {}
     ignored: set[str] = set()
     for file in _weight_files(path):
-        for key, tensor in _read_tensors(file).items():
-            key = canonical_key(key)
-            if IGNORABLE.match(key):
-                ignored.add(key.split(".")[0] if key.startswith("lm_head") else ".".join(key.split(".")[:2]))
-                continue
-            if key not in shapes:
-                raise InputError(f"{file}: unexpected tensor {key!r} (not part of an XLM-R classifier)")
-            if tuple(tensor.shape) != shapes[key]:
-                raise InputError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {shapes[key]}")
-            state[key] = tensor
+        tensors, dropped = checked_tensors(_read_tensors(file), shapes, source=str(file))
+        state.update(tensors)
+        ignored |= dropped
     if ignored:
         log.info("%s: ignoring %s (not used by a sequence classifier)", path, ", ".join(sorted(ignored)))
     missing = [k for k in shapes if k not in state]
@@ -181,17 +190,6 @@ def hf_state_dict(model: XLMRClassifier) -> dict[str, torch.Tensor]:
     return native_to_hf(model.state_dict())
 
 
-def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor],
             tokenizer_file: str | Path | None = None) -> Path:
     """Write an HF directory (config.json, model.safetensors, tokenizer.json if given).
@@ -205,10 +203,10 @@ def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor]
     tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state.items()}
     config = cfg.to_hf_dict()
     config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer_file is not None:
-        _atomic_write(path / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_file, tmp))
+        atomic_write(path / "tokenizer.json", Path(tokenizer_file).read_bytes())
     return path
 
 

@@ -58,8 +58,7 @@ import torch
 
 from xlmr_mini.checkpoint import (
     CLASSIFIER_PREFIX,
-    IGNORABLE,
-    canonical_key,
+    checked_tensors,
     expected_shapes,
     find_tokenizer,
     fresh_classifier,
@@ -269,16 +268,7 @@ def _label_order(teacher_labels: tuple[str, ...], student_labels: tuple[str, ...
 
 def _checked_teacher(teacher_sd: dict, teacher_cfg: XLMRConfig) -> dict:
     shapes = expected_shapes(teacher_cfg)
-    sd = {}
-    for key, tensor in teacher_sd.items():
-        key = canonical_key(key)
-        if IGNORABLE.match(key):
-            continue
-        if key not in shapes:
-            raise InputError(f"teacher state dict: unexpected tensor {key!r} (not part of an XLM-R classifier)")
-        if tuple(tensor.shape) != shapes[key]:
-            raise InputError(f"teacher state dict: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies {shapes[key]}")
-        sd[key] = tensor
+    sd, _ = checked_tensors(teacher_sd, shapes, source="teacher state dict")
     missing = [k for k in shapes if k not in sd]
     head_missing = [k for k in missing if k.startswith(CLASSIFIER_PREFIX)]
     if len(missing) > len(head_missing) or 0 < len(head_missing) < 4:

@@ -74,9 +74,12 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, d]
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, taps: Taps | None, out: Output) -> torch.Tensor:
-        """x [B, T, D]; keep [B, 1, 1, T] bool (True = attend) or None; taps only on tapped layers."""
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, taps: Taps | None, out: Output,
+                first_only: bool = False) -> torch.Tensor:
+        """x [B, T, D]; keep [B, 1, 1, T] bool (True = attend) or None; taps only on tapped layers.
+        first_only: queries (and the output) for the `<s>` position alone, [B, 1, D]."""
+        q = self._heads(self.q(x[:, :1] if first_only else x))
+        k, v = self._heads(self.k(x)), self._heads(self.v(x))
         dropout_p = self.dropout_p if self.training else 0.0
         if taps is not None and taps.qk:
             out.q.append(q)
@@ -109,8 +112,9 @@ class Layer(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x, keep, taps: Taps | None, out: Output) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, keep, taps, out)))
+    def forward(self, x, keep, taps: Taps | None, out: Output, first_only: bool = False) -> torch.Tensor:
+        y = self.attn(x, keep, taps, out, first_only)
+        x = self.attn_norm((x[:, :1] if first_only else x) + self.dropout(y))
         h = self.mlp["down"](F.gelu(self.mlp["up"](x)))
         return self.mlp_norm(x + self.dropout(h))
 
@@ -147,9 +151,12 @@ class XLMRClassifier(nn.Module):
         tapped = set(taps.layers) if taps is not None else set()
         if taps is not None and taps.embeddings:
             out.embeddings = x
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_taps = taps if i in tapped else None
-            x = layer(x, keep, layer_taps, out)
+            # The head reads only `<s>`: an untapped last layer computes that one position (the
+            # keys and values still see every token), the same numbers for 1/T of the work.
+            x = layer(x, keep, layer_taps, out, first_only=i == last and layer_taps is None)
             if layer_taps is not None and taps.hidden:
                 out.hidden.append(x)
         out.logits = self.head(x)

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from xlmr_mini.checkpoint import _atomic_write, build_model, find_tokenizer, load_model, save_model
+from xlmr_mini.checkpoint import build_model, find_tokenizer, load_model, save_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import INITS, StudentSpec, init_student, layer_map, scratch_state_dict, student_config
 from xlmr_mini.data import (
     DEMO_VERSION, EncodedSplit, TaskData, default_cache_dir, encode_split, epoch_batches, load_task,
     select_languages, stratified_subset,
 )
+from xlmr_mini.files import atomic_write
 from xlmr_mini.errors import InputError, cli_main
 from xlmr_mini.evaluate import OneLineErrorParser, evaluate, final_split, label_ids, resolve_device, to_model_labels
 from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, IMPLS, HiddenProjection, KDLossConfig, kd_loss, kd_taps
@@ -66,7 +67,7 @@ class TrainingError(RuntimeError):
 # Files: JSON, metrics.jsonl, the training checkpoint, a progress bar
 # ---------------------------------------------------------------------------------------------
 def write_json(path: Path, obj) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 class MetricsLog:
@@ -95,7 +96,7 @@ def metrics_writer(path: Path, keep_through: int) -> MetricsLog:
                 continue
             if record.get("step", 0) <= keep_through and not record.get("final"):
                 kept.append(line)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in kept), encoding="utf-8"))
+    atomic_write(path, "".join(x + "\n" for x in kept))
     return MetricsLog(path)
 
 
