@@ -118,7 +118,8 @@ def environment() -> str:
 def append_results(title: str, header: str, rows: list[str], notes: str = "",
                    path: str = os.path.join(os.path.dirname(__file__), "RESULTS.md")):
     """Append one dated section to bench/RESULTS.md (written atomically)."""
-    command = "python " + " ".join(sys.argv)
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.dirname(__file__)))
+    command = " ".join(["python -m " + script.removesuffix(".py").replace(os.sep, "."), *sys.argv[1:]])
     section = [
         f"\n## {title}",
         "",
