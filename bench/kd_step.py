@@ -9,8 +9,8 @@ clipping + AdamW, at the paper's shapes: teacher 12L/768 (12 heads, 3072), stude
   loss summed in Python over the mapped layers (attention probabilities, which is what
   transformers returns; hidden states through fit_dense; embeddings; logits MSE; cross-entropy),
   `torch.optim.AdamW` as people usually create it.
-- xlmr_mini: `xlmr_mini.train.train_step` (teacher taps only its mapped layers; the fused kernels
-  on CUDA, the PyTorch reference on CPU; fused AdamW), eager and with `--compile`'s compiled
+- xlmr_mini: `xlmr_mini.train.train_step` set up as `train` does (teacher taps only its mapped
+  layers; the fused kernels on CUDA, the PyTorch reference on CPU; fused AdamW), eager and with `--compile`'s compiled
   forward+loss. The attention target is set with --att-target (default probs, the same target
   as the transformers step).
 

@@ -225,27 +225,3 @@ def test_compiled_kd_step_matches_eager():
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
-
-def test_reused_embedding_grad_matches_dense_gradient():
-    """The sparse-gradient buffer gives the same AdamW trajectory as autograd's dense gradient,
-    with padding rows, repeated ids, clipping, and steps that touch different rows."""
-    import copy
-
-    from xlmr_mini.train import reuse_embedding_grad
-
-    torch.manual_seed(0)
-    dense = torch.nn.Embedding(50, 8, padding_idx=1)
-    reused = copy.deepcopy(dense)
-    initial = dense.weight.detach().clone()
-    reuse_embedding_grad(reused)
-    optims = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, reused)]
-    for _ in range(5):
-        ids = torch.randint(0, 50, (4, 6))
-        ids[0, -2:] = 1
-        for m, opt in zip((dense, reused), optims):
-            (m(ids) ** 2).sum().backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    torch.testing.assert_close(reused.weight, dense.weight, atol=1e-7, rtol=0)
-    assert not torch.allclose(dense.weight, initial)  # the steps really moved the weights

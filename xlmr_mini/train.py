@@ -490,34 +490,6 @@ def train_step(ctx: StepContext, batch: dict, device) -> dict[str, float]:
     return values
 
 
-def reuse_embedding_grad(embedding: torch.nn.Embedding) -> None:
-    """Give a large embedding one persistent dense gradient buffer.
-
-    XLM-R's word embedding has 250,002 rows, and autograd's dense embedding backward allocates and
-    zero-fills a fresh [V, D] gradient every step, which costs more on CPU than all of the
-    embedding's other work. Instead autograd makes a sparse gradient (the batch's rows only) and a
-    hook writes it into one buffer, clearing just the rows the previous step wrote. Clipping and
-    AdamW see the same dense gradient as before; the buffer is only ever written at batch rows.
-    Not for a compiled step (the sparse gradient stays outside the compiled graph).
-    """
-    buffer = torch.zeros_like(embedding.weight)
-    last_rows = []
-
-    def to_dense(param: torch.Tensor) -> None:
-        if not param.grad.is_sparse:
-            return
-        grad = param.grad.coalesce()
-        rows = grad.indices()[0]
-        if last_rows:
-            buffer.index_fill_(0, last_rows.pop(), 0.0)
-        buffer.index_copy_(0, rows, grad.values())  # coalesced: each row once
-        last_rows.append(rows)
-        param.grad = buffer
-
-    embedding.sparse = True
-    embedding.weight.register_post_accumulate_grad_hook(to_dense)
-
-
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with transformers' defaults; the fused implementation where PyTorch has one."""
     kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
@@ -545,8 +517,6 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         raise InputError(f"--max-length {cfg.max_length}: the model has positions for at most "
                          f"{scfg.max_position_embeddings - scfg.pad_token_id - 1} tokens")
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
-    if not cfg.compile:
-        reuse_embedding_grad(student.embed.word)
     loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=cfg.kd_impl)
     teacher, proj, lmap = None, None, []
     if loss_cfg.kd:
