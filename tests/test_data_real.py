@@ -6,19 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED
 
 from xlmr_mini.data import (
     TSM_LABELS, UNSEEN, encode_split, epoch_batches, load_task, select_languages, stratified_subset,
 )
 from xlmr_mini.errors import InputError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 MASSIVE = SHARED / "data" / "massive" / "1.1" / "data"
 TSM = SHARED / "data" / "tweet_sentiment_multilingual"
 XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
 
 
 def _need(path: Path):
+    """Skip (in the fixture, so only the tests that use this data) when it is absent."""
     if not path.exists():
         pytest.skip(f"real data folder {path} is not present")
 
