@@ -2,8 +2,8 @@
 
 `kernels/` and `data/` sit at the top of the source tree but install inside the package, as
 `xlmr_mini.kernels` and `xlmr_mini.data`: top-level names like `kernels` or `data` would collide
-with other distributions (PyPI has a `kernels` package). In a checkout, the symlinks
-`xlmr_mini/kernels` and `xlmr_mini/data` give the same import names without installing.
+with other distributions (PyPI has a `kernels` package). `pip install -e .` maps the same names
+onto the checkout's folders (setuptools' editable finder reads this package_dir), with no links.
 """
 from setuptools import setup
 

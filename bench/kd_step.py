@@ -93,7 +93,7 @@ def xlmr_mini_step(args, t, s, device, compiled):
     from xlmr_mini.config import XLMRConfig
     from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
     from xlmr_mini.model import XLMRClassifier, init_weights
-    from xlmr_mini.train import StepContext, compile_forward_loss, linear_schedule, make_optimizer, train_step
+    from xlmr_mini.kd_step import StepContext, compile_forward_loss, linear_schedule, make_optimizer, train_step
 
     def model(c):
         cfg = XLMRConfig(vocab_size=args.vocab, hidden_size=c["hidden"], num_hidden_layers=c["layers"],

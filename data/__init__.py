@@ -11,7 +11,11 @@ from xlmr_mini.data.demo import DEMO_VERSION, build_demo
 from xlmr_mini.data.partitions import (
     ENGLISH, MASSIVE_LOCALES, TSM_LANGUAGES, UNSEEN, resolve_languages, select_languages,
 )
-from xlmr_mini.data.readers import TSM_LABELS, load_task, parse_spec, read_files, read_massive, read_tsm
+from xlmr_mini.data.formats import TSM_LABELS
+from xlmr_mini.data.generic import read_files
+from xlmr_mini.data.massive import read_massive
+from xlmr_mini.data.readers import load_task, parse_spec
+from xlmr_mini.data.tsm import read_tsm
 from xlmr_mini.data.subsets import stratified_subset
 from xlmr_mini.data.task import Split, TaskData
 

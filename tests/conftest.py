@@ -5,10 +5,33 @@ from pathlib import Path
 # Triton kernels run on CPU tensors through the interpreter in tests; set before triton imports.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def map_checkout_packages() -> None:
+    """Make `kernels/` and `data/` importable as xlmr_mini.kernels / xlmr_mini.data as setup.py's
+    package_dir does, when the checkout is not installed (an editable install already maps them)."""
+    if importlib.util.find_spec("xlmr_mini.kernels") is not None:
+        return
+    import xlmr_mini
+
+    for name in ("kernels", "data"):
+        spec = importlib.util.spec_from_file_location(f"xlmr_mini.{name}", REPO / name / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / name)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        setattr(xlmr_mini, name, module)
+        spec.loader.exec_module(module)
+
+
+map_checkout_packages()
 
 
 def requires_shared(*parts: str):

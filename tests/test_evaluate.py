@@ -1,4 +1,4 @@
-"""Macro-F1 / accuracy per language, and `python -m xlmr_mini.evaluate` on saved and copied models."""
+"""Micro-F1 (the paper's F1) / macro-F1 per language, and `python -m xlmr_mini.evaluate` on saved and copied models."""
 import json
 
 import numpy as np
@@ -7,9 +7,10 @@ import pytest
 from xlmr_mini.checkpoint import save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
-from xlmr_mini.evaluate import label_ids, main as evaluate_main
+from xlmr_mini.evaluate import main as evaluate_main
+from xlmr_mini.inference import label_ids
 from xlmr_mini.errors import InputError
-from xlmr_mini.metrics import accuracy, format_table, macro_f1, score_by_language, summarize_seeds
+from xlmr_mini.metrics import format_table, macro_f1, mean_over_seeds, micro_f1, score_by_language, summarize_seeds
 
 
 def test_macro_f1_by_hand():
@@ -17,7 +18,7 @@ def test_macro_f1_by_hand():
     pred = np.array([0, 1, 1, 1, 0])
     # class 0: tp 1, 2 gold, 2 pred -> 0.5; class 1: tp 2, 2 gold, 3 pred -> 0.8; class 2: 0
     assert macro_f1(gold, pred) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
-    assert accuracy(gold, pred) == pytest.approx(3 / 5)
+    assert micro_f1(gold, pred) == pytest.approx(3 / 5)
     # a class absent from both gold and predictions does not count (scikit-learn's convention)
     assert macro_f1(np.array([3, 3]), np.array([3, 3])) == 1.0
     assert macro_f1(np.array([], dtype=np.int64), np.array([], dtype=np.int64)) == 0.0
@@ -29,13 +30,34 @@ def test_scores_per_language_and_partitions():
     langs = ["en", "en", "fr", "fr", "hi"]
     s = score_by_language(gold, pred, langs, unseen=frozenset({"fr", "hi"}))
     assert list(s["languages"]) == ["en", "fr", "hi"]
-    assert s["languages"]["en"] == {"macro_f1": 1.0, "accuracy": 1.0, "n": 2}
+    assert s["languages"]["en"] == {"micro_f1": 1.0, "macro_f1": 1.0, "n": 2}
     assert s["seen"]["n"] == 2 and s["unseen"]["n"] == 3
-    assert s["unseen"]["accuracy"] == pytest.approx(1 / 3)
+    # unseen pooled: 1 of 3 right; mean of languages: fr 1/2, hi 0/1 -> 0.25
+    assert s["unseen"]["micro_f1"] == pytest.approx(1 / 3)
+    assert s["unseen_mean"]["micro_f1"] == pytest.approx(0.25) and s["unseen_mean"]["languages"] == 2
+    assert s["seen_mean"]["micro_f1"] == 1.0
     assert s["overall"]["macro_f1"] == pytest.approx(macro_f1(gold, pred))
     table = format_table(s, frozenset({"fr", "hi"}), "dev")
-    assert "macro-F1" in table and "fr *" in table and "unseen (pooled)" in table
+    assert "micro-F1" in table and "macro-F1" in table and "fr *" in table and "unseen (pooled)" in table
+    assert "unseen (mean of 2 langs)" in table and "paper's F1" in table
     assert len([line for line in table.splitlines() if line.startswith(("en", "fr", "hi"))]) == 3
+
+
+def test_majority_class_is_the_papers_random_score():
+    """Table 5's random score (all predictions the majority class) is micro-F1: 33.33% on 3 balanced
+    classes, where macro-F1 would be 16.7%."""
+    gold = np.repeat([0, 1, 2], 10)
+    pred = np.zeros_like(gold)
+    assert micro_f1(gold, pred) == pytest.approx(1 / 3)
+    assert macro_f1(gold, pred) == pytest.approx((2 * 10 / 40) / 3)
+
+
+def test_mean_over_seeds_averages_every_row():
+    a = score_by_language(np.array([0, 1]), np.array([0, 1]), ["en", "fr"], frozenset({"fr"}))
+    b = score_by_language(np.array([0, 1]), np.array([1, 1]), ["en", "fr"], frozenset({"fr"}))
+    m = mean_over_seeds([a, b])
+    assert m["languages"]["en"]["micro_f1"] == 0.5 and m["languages"]["en"]["n"] == 1
+    assert m["overall"]["micro_f1"] == pytest.approx(0.75) and set(m) == set(a)
 
 
 def test_seed_summary():
@@ -69,7 +91,7 @@ def test_evaluate_cli_saved_model(demo_model, tmp_path, capsys):
     scores = evaluate_main(["--model", str(path), "--data", "demo", "--cache-dir", str(cache),
                             "--json", str(tmp_path / "s.json")])
     out = capsys.readouterr().out
-    assert "macro-F1" in out and "test split" in out
+    assert "micro-F1" in out and "macro-F1" in out and "test split" in out
     assert set(scores["languages"]) == set(task.languages)
     assert scores["overall"]["n"] == len(task.splits["test"])
     assert json.loads((tmp_path / "s.json").read_text())["overall"] == scores["overall"]

@@ -1,4 +1,5 @@
 """The KD loss reference (paper §2.1) against hand computations, gradcheck, and the fused path."""
+import dataclasses
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_loss, kd_taps, teacher_positions
-from xlmr_mini.model import Output, XLMRClassifier, init_weights
+from xlmr_mini.model import Output, Taps, XLMRClassifier, init_weights
 
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])  # lengths 3 and 2: one pad position
 VALID = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
@@ -109,23 +110,27 @@ def test_linear_projection_is_fit_dense_and_identity_at_equal_width():
 def test_teacher_taps_only_mapped_layers():
     cfg = KDLossConfig()
     assert kd_taps(cfg, [3, 1]).layers == (1, 3)
-    assert kd_taps(cfg, [1]).scores and not kd_taps(cfg, [1]).qk
+    assert kd_taps(cfg, [1]).probs and not kd_taps(cfg, [1]).scores and not kd_taps(cfg, [1]).qk
+    assert kd_taps(KDLossConfig(att_target="scores"), [1]).scores
     assert kd_taps(KDLossConfig(impl="fused"), [1]).qk and not kd_taps(KDLossConfig(impl="fused"), [1]).scores
     assert kd_taps(KDLossConfig(kd=False), [1]) is None
     assert teacher_positions([1, 3, 5]) == [0, 1, 2]
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("target", ["scores", "probs"])
+def test_gradcheck_float64(target):
     s0, t = _outputs(0, layers=2, hidden=2), _outputs(1, layers=2, hidden=4)
     proj = HiddenProjection(2, 4).double()
     labels = torch.tensor([2, 0])
     # Pre-softmax scores: gradcheck perturbs entries; keep the masked ones at a finite sentinel.
-    leaves = [s0.embeddings, *s0.hidden, *(x.clamp(min=-1e4) for x in s0.scores), s0.logits]
+    maps = [x.clamp(min=-1e4) for x in s0.scores] if target == "scores" else s0.probs
+    leaves = [s0.embeddings, *s0.hidden, *maps, s0.logits]
     leaves = [x.detach().clone().requires_grad_(True) for x in leaves + [proj.fit_dense.weight, proj.fit_dense.bias]]
 
     def loss(emb, h0, h1, a0, a1, z, w, bias):
-        s = Output(logits=z, embeddings=emb, hidden=[h0, h1], scores=[a0, a1])
-        return kd_loss(s, t, labels, MASK, KDLossConfig(), _functional_proj(w, bias), layer_map=[0, 1])[0]
+        s = Output(logits=z, embeddings=emb, hidden=[h0, h1], **{target: [a0, a1]})
+        return kd_loss(s, t, labels, MASK, KDLossConfig(att_target=target), _functional_proj(w, bias),
+                       layer_map=[0, 1])[0]
 
     assert torch.autograd.gradcheck(loss, leaves, eps=1e-6, atol=1e-7)
 
@@ -166,3 +171,54 @@ def test_fused_path_matches_reference_on_real_taps(target):
         torch.testing.assert_close(terms_f[name], terms_r[name], atol=1e-6, rtol=1e-5)
     for g_f, g_r in zip(grads_f, grads_r):
         torch.testing.assert_close(g_f, g_r, atol=1e-6, rtol=1e-4)
+
+
+def _tinybert_task_distill(student_atts, teacher_atts, student_reps, teacher_reps):
+    """TinyBERT's task_distill.py intermediate-layer loss, transcribed line for line: all teacher
+    layers in, every `layers_per_block`-th picked, nn.MSELoss per layer, summed."""
+    loss_mse = torch.nn.MSELoss()
+    att_loss, rep_loss = 0.0, 0.0
+    teacher_layer_num, student_layer_num = len(teacher_atts), len(student_atts)
+    layers_per_block = int(teacher_layer_num / student_layer_num)
+    new_teacher_atts = [teacher_atts[i * layers_per_block + layers_per_block - 1] for i in range(student_layer_num)]
+    for student_att, teacher_att in zip(student_atts, new_teacher_atts):
+        student_att = torch.where(student_att <= -1e2, torch.zeros_like(student_att), student_att)
+        teacher_att = torch.where(teacher_att <= -1e2, torch.zeros_like(teacher_att), teacher_att)
+        att_loss += loss_mse(student_att, teacher_att)
+    new_teacher_reps = [teacher_reps[i * layers_per_block] for i in range(student_layer_num + 1)]
+    for student_rep, teacher_rep in zip(student_reps, new_teacher_reps):
+        rep_loss += loss_mse(student_rep, teacher_rep)
+    return att_loss, rep_loss
+
+
+@pytest.mark.parametrize("target", ["scores", "probs"])
+def test_tinybert_norm_equals_its_code_on_a_padded_batch(target):
+    from conftest import padded_batch
+
+    teacher, student = _tiny(4, 0), _tiny(2, 1)
+    ids, mask = padded_batch(50, [9, 2, 5])  # heavy padding: where the two normalisations differ
+    labels = torch.tensor([0, 2, 1])
+    every = Taps(layers=(0, 1, 2, 3), embeddings=True, hidden=True, scores=True, probs=True)
+    with torch.no_grad():
+        t_all, s_all = teacher(ids, mask, every), student(ids, mask, dataclasses.replace(every, layers=(0, 1)))
+    maps = "scores" if target == "scores" else "probs"
+    att, rep = _tinybert_task_distill(getattr(s_all, maps), getattr(t_all, maps),
+                                      [s_all.embeddings] + s_all.hidden, [t_all.embeddings] + t_all.hidden)
+    cfg = KDLossConfig(att_target=target, loss_norm="tinybert")
+    with torch.no_grad():
+        t_out = teacher(ids, mask, kd_taps(cfg, [1, 3]))
+        _, terms = kd_loss(student(ids, mask, kd_taps(cfg, [0, 1])), t_out, labels, mask, cfg, layer_map=[1, 3])
+        _, masked = kd_loss(student(ids, mask, kd_taps(cfg, [0, 1])), t_out, labels, mask,
+                            KDLossConfig(att_target=target), layer_map=[1, 3])
+    torch.testing.assert_close(terms["att"], torch.as_tensor(att, dtype=torch.float32), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(terms["hid"] + terms["embd"], torch.as_tensor(rep, dtype=torch.float32),
+                               atol=1e-6, rtol=1e-5)
+    # ... and it is a different number from the masked default on this batch.
+    assert not torch.allclose(terms["att"], masked["att"], rtol=1e-2)
+
+
+def test_tinybert_norm_needs_the_reference_impl():
+    from xlmr_mini.errors import InputError
+
+    with pytest.raises(InputError, match="reference"):
+        KDLossConfig(loss_norm="tinybert", impl="fused")

@@ -1,4 +1,5 @@
-"""The one exception type for bad input, and the CLI wrapper that turns it into exit code 2."""
+"""The one exception type for bad input, and the CLI pieces that turn it into one line and exit code 2."""
+import argparse
 import functools
 import sys
 
@@ -23,3 +24,10 @@ def cli_main(main):
             raise SystemExit(2)
 
     return wrapper
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2 like every other bad input."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see --help)")

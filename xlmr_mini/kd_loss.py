@@ -4,21 +4,34 @@
 
 Student layer i (1-based) is matched to teacher layer k = i * divisor (eq. 5); `layer_map` from
 `copy_weights` gives the 0-based teacher layer per student layer, the same one the weight copy
-used. Every term that compares token positions ignores padding, with one definition (the same
-as the kernels in `xlmr_mini.kernels`, which are checked against this file's reference path):
+used. Two normalisations (`loss_norm`):
 
-- L_hid (eq. 2) and L_embd (eq. 3): per layer, the sum of squared differences over valid tokens
-  and hidden units divided by (n_valid_tokens * D_teacher); L_hid averages over student layers.
-  `layer_mse_reference` is the definition.
+`masked` (default; the kernels in `xlmr_mini.kernels` compute the same and are checked against
+this file's reference path). Padding never counts, and every layer term is a mean over layers:
+- L_hid (eq. 2) and L_embd (eq. 3): per layer, the sum of squared differences over real tokens
+  and hidden units divided by (n_real_tokens * D_teacher); L_hid is the mean over student
+  layers. `layer_mse_reference` is the definition.
 - L_att (eq. 1): entry (b, h, q, k) of the [B, H, T, T] map counts iff both the query q and the
-  key k are valid tokens of sequence b; per layer the sum over counted entries divided by
-  (H * sum_b n_b^2), which is the mean over heads of each head's MSE over its valid entries; then
-  the mean over student layers. `attention_map_mse_reference` is the definition. Masked entries
-  are excluded (TinyBERT's code instead zeroes the masked scores of both models, which is the
-  same for keys and differs only in also counting pad queries); pre-softmax scores hold the
-  dtype's min at masked keys and are never multiplied by 0.
+  key k are real tokens of sequence b; per layer the sum over counted entries divided by
+  (H * sum_b n_b^2), the mean over heads of each head's MSE over its real entries; then the mean
+  over student layers. `attention_map_mse_reference` is the definition.
+
+`tinybert`: what TinyBERT's `task_distill.py` computes, literally. Per layer `nn.MSELoss()`, the
+mean over every position of the padded batch, pads included (B*H*T^2 attention entries, B*T*D
+hidden units), with attention entries <= -100 (masked keys of pre-softmax scores) set to 0 in
+both models; the layers are summed, not averaged. On short texts padded to a longer batch this
+makes the attention term many times smaller than the masked mean (~20x on tweets), and with 6
+student layers the hidden term ~6x larger.
+
+The other terms are the same under both:
 - L_pred (eq. 4): MSE of the logits, mean over batch and classes (no temperature, as the paper).
 - L_clf: cross-entropy of the student's logits against the gold labels.
+
+The attention target. `probs` (default): the softmax probabilities, what the paper's eq. 1 reads
+as "attention outputs" on transformers. `scores`: the pre-softmax QK^T/sqrt(d) of TinyBERT's
+code, which holds the dtype's min at masked keys (never multiplied by 0) and whose loss is
+hundreds of times larger than the probabilities' (~600 vs ~0.2 on a batch of tweets), so it
+swamps every other term unless weighted down.
 
 Width. When the student is narrower than the teacher, W in eqs. 2-3 is either a learnable linear
 map student -> teacher width (`HiddenProjection`, TinyBERT's `fit_dense`; trained with the
@@ -27,8 +40,8 @@ parameters: the student is compared with the teacher's evenly spaced units, the 
 copy took (`copy_weights.hidden_indices`). Then the MSE divides by the student's width.
 
 Attention may be compared as materialized maps (`impl="reference"`: taps `scores` or `probs`)
-or from Q and K without T x T maps (`impl="fused"`: taps `qk`, Triton kernels on GPU). Both need
-the student to have the teacher's head count.
+or from Q and K without T x T maps (`impl="fused"`: taps `qk`, Triton kernels on GPU; masked
+normalisation only). Both need the student to have the teacher's head count.
 """
 import dataclasses
 
@@ -50,14 +63,16 @@ TERMS = ("att", "hid", "embd", "pred", "clf")
 ATT_TARGETS = ("scores", "probs")
 HID_PROJS = ("linear", "select")
 IMPLS = ("reference", "fused")
+LOSS_NORMS = ("masked", "tinybert")
 
 
 @dataclasses.dataclass(frozen=True)
 class KDLossConfig:
     kd: bool = True  # False: L_clf only (the paper's NON-KD rows)
-    att_target: str = "scores"  # scores: pre-softmax QK^T/sqrt(d) (TinyBERT's code) | probs
+    att_target: str = "probs"  # probs: softmax (the paper's eq. 1) | scores: pre-softmax (TinyBERT's code)
     hid_proj: str = "linear"  # W for a narrower student: linear (fit_dense) | select
     impl: str = "reference"  # reference: PyTorch on materialized maps | fused: the kernels
+    loss_norm: str = "masked"  # masked: real tokens only, mean over layers | tinybert: its code's means, summed
     w_att: float = 1.0
     w_hid: float = 1.0
     w_embd: float = 1.0
@@ -66,9 +81,15 @@ class KDLossConfig:
 
     def __post_init__(self):
         for name, value, choices in (("att_target", self.att_target, ATT_TARGETS),
-                                     ("hid_proj", self.hid_proj, HID_PROJS), ("impl", self.impl, IMPLS)):
+                                     ("hid_proj", self.hid_proj, HID_PROJS), ("impl", self.impl, IMPLS),
+                                     ("loss_norm", self.loss_norm, LOSS_NORMS)):
             if value not in choices:
                 raise InputError(f"{name} {value!r}: choose one of {', '.join(choices)}")
+        if self.loss_norm == "tinybert" and self.impl == "fused":
+            raise InputError("--loss-norm tinybert runs on the reference implementation; use --kd-impl reference")
+
+    def weights(self) -> dict[str, float]:
+        return {"att": self.w_att, "hid": self.w_hid, "embd": self.w_embd, "pred": self.w_pred, "clf": self.w_clf}
 
 
 def kd_taps(cfg: KDLossConfig, layers) -> Taps | None:
@@ -163,7 +184,7 @@ def kd_loss(student_out: Output, teacher_out: Output | None, labels: torch.Tenso
         terms = {"att": zero, "hid": zero, "embd": zero, "pred": zero, **terms}
     else:
         terms = {**_kd_terms(student_out, teacher_out, mask, cfg, proj, layer_map), **terms}
-    weights = {"att": cfg.w_att, "hid": cfg.w_hid, "embd": cfg.w_embd, "pred": cfg.w_pred, "clf": cfg.w_clf}
+    weights = cfg.weights()
     total = sum(weights[name] * terms[name] for name in TERMS)
     return total, terms
 
@@ -174,6 +195,8 @@ def _kd_terms(s: Output, t: Output, mask, cfg: KDLossConfig, proj, layer_map) ->
     pos = teacher_positions(layer_map)
     fused = cfg.impl == "fused"
     proj = proj if proj is not None else (lambda a, b: (a, b))
+    if cfg.loss_norm == "tinybert":
+        return _tinybert_terms(s, t, pos, cfg, proj)
     h_s, h_t = proj(torch.stack(s.hidden), torch.stack([t.hidden[p] for p in pos]))  # [L, B, T, D]
     e_s, e_t = proj(s.embeddings[None], t.embeddings[None])  # [1, B, T, D]
     # Subtractions, not F.mse_loss: the teacher's tensors may be inference tensors, which autograd
@@ -185,3 +208,26 @@ def _kd_terms(s: Output, t: Output, mask, cfg: KDLossConfig, proj, layer_map) ->
         "embd": _hidden_mse(e_s, e_t, mask, fused)[0],
         "pred": pred,
     }
+
+
+def _mean_square_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`nn.MSELoss()(a, b)` in at least fp32, as a difference (saves nothing of an inference tensor)."""
+    a = _at_least_fp32(a)
+    return (a - b.to(a.dtype)).square().mean()
+
+
+def _zero_masked(x: torch.Tensor) -> torch.Tensor:
+    # TinyBERT: torch.where(att <= -1e2, 0, att), aimed at the -10000 added at masked keys.
+    return torch.where(x <= -1e2, torch.zeros_like(x), x)
+
+
+def _tinybert_terms(s: Output, t: Output, pos: list[int], cfg: KDLossConfig, proj) -> dict[str, torch.Tensor]:
+    """TinyBERT's task_distill.py normalisation: per layer the mean over the whole padded batch,
+    summed over layers (its rep_loss is our L_hid + L_embd)."""
+    maps_s = s.scores if cfg.att_target == "scores" else s.probs
+    maps_t = t.scores if cfg.att_target == "scores" else t.probs
+    att = sum(_mean_square_error(_zero_masked(a), _zero_masked(maps_t[p])) for a, p in zip(maps_s, pos))
+    hid = sum(_mean_square_error(*proj(h, t.hidden[p])) for h, p in zip(s.hidden, pos))
+    embd = _mean_square_error(*proj(s.embeddings, t.embeddings))
+    pred = _mean_square_error(s.logits, t.logits)
+    return {"att": att, "hid": hid, "embd": embd, "pred": pred}

@@ -1,0 +1,116 @@
+"""The KD training step: student forward + `kd_loss`, backward, clipping, AdamW, the schedule.
+
+`forward_loss` is what `--compile` compiles whole (fullgraph); the teacher's forward runs apart,
+under inference mode. `StepContext` holds what a step needs besides the batch.
+"""
+import dataclasses
+import math
+
+import torch
+
+from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_loss, kd_taps
+from xlmr_mini.model import XLMRClassifier
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says where and what was kept."""
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What `train_step` needs besides the batch; `loss_fn` is `forward_loss` or its compiled form."""
+
+    student: XLMRClassifier
+    teacher: XLMRClassifier | None
+    proj: HiddenProjection | None
+    loss_cfg: KDLossConfig
+    layer_map: list[int]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    loss_fn: object = None
+
+
+def forward_loss(student, proj, input_ids, mask, labels, teacher_out, loss_cfg: KDLossConfig,
+                 lmap: list[int], bf16: bool = False):
+    """Student forward + `kd_loss`: what `--compile` compiles (fullgraph); backward runs outside."""
+    taps = kd_taps(loss_cfg, range(student.cfg.num_hidden_layers))
+    # The loss runs under autocast too (fit_dense on bf16 states); its terms upcast to fp32.
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = student(input_ids, mask, taps)
+        return kd_loss(out, teacher_out, labels, mask, loss_cfg, proj, lmap)
+
+
+def compile_forward_loss(backend: str = "inductor"):
+    """`forward_loss` compiled whole (fullgraph=True). The teacher's outputs are inference tensors;
+    a compiled graph may save its inputs for backward, which autograd forbids for those, so they
+    are first copied into normal tensors (only the tapped layers: a small, short-lived copy)."""
+    compiled = torch.compile(forward_loss, fullgraph=True, backend=backend)
+
+    def loss_fn(student, proj, input_ids, mask, labels, teacher_out, *args):
+        return compiled(student, proj, input_ids, mask, labels, _normal_tensors(teacher_out), *args)
+
+    return loss_fn
+
+
+def _normal_tensors(out):
+    if out is None:
+        return None
+    copy = lambda xs: [x.clone() for x in xs]  # noqa: E731 (clone outside inference mode = normal tensor)
+    return dataclasses.replace(out, logits=out.logits.clone(), hidden=copy(out.hidden), scores=copy(out.scores),
+                               probs=copy(out.probs), q=copy(out.q), k=copy(out.k),
+                               embeddings=None if out.embeddings is None else out.embeddings.clone())
+
+
+def teacher_forward(ctx: StepContext, input_ids, mask):
+    if ctx.teacher is None or not ctx.loss_cfg.kd:
+        return None
+    with torch.inference_mode(), torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+        return ctx.teacher(input_ids, mask, kd_taps(ctx.loss_cfg, ctx.layer_map))
+
+
+def train_step(ctx: StepContext, batch: dict, device) -> dict[str, float]:
+    """One optimizer step; returns the loss and its terms. A non-finite loss raises before the
+    weights change, so the last checkpoint stays the last good state."""
+    input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    teacher_out = teacher_forward(ctx, input_ids, mask)
+    loss_fn = ctx.loss_fn or forward_loss
+    total, terms = loss_fn(ctx.student, ctx.proj, input_ids, mask, labels, teacher_out, ctx.loss_cfg,
+                           ctx.layer_map, ctx.bf16)
+    values = {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
+    # Each term's share of the total, so a term that swamps the others (or a starved L_clf) shows.
+    weights = ctx.loss_cfg.weights()
+    values["share"] = {k: weights[k] * values[k] / values["loss"] if values["loss"] else 0.0 for k in terms}
+    if not math.isfinite(values["loss"]):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"the loss became {values['loss']} ({', '.join(f'{k}={v:.4g}' for k, v in terms.items())})")
+    total.backward()
+    if ctx.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(ctx.params, ctx.max_grad_norm)
+    ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return values
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with transformers' defaults; the fused implementation where PyTorch has one."""
+    kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, **kw)
+
+
+def linear_schedule(optimizer, total_steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' `get_linear_schedule_with_warmup`: up from 0 over `warmup_steps`, then
+    linearly down to 0 at `total_steps` (the paper: no warm-up)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

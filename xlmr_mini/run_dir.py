@@ -1,0 +1,158 @@
+"""The run directory: out-dir claims and same-run checks, the training checkpoint, metrics.jsonl.
+
+    out/run.json         the settings that define the run (compared on --resume)
+    out/metrics.jsonl    one record per training step and per evaluation
+    out/results.json     final numbers and the full configuration
+    out/best/            the best model on dev, an HF directory
+    out/checkpoint/      model, projection, optimizer, scheduler, RNG and step (for --resume);
+                         the data order is a function of (seed, epoch), so the step is the data position
+
+Every write is atomic: a crash leaves the previous file or checkpoint, never half of one.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xlmr_mini.errors import InputError
+from xlmr_mini.files import atomic_write
+from xlmr_mini.kd_step import StepContext
+from xlmr_mini.train_config import TrainConfig
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
+
+
+class MetricsLog:
+    """Append-only JSONL, one record per line, flushed as written."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def metrics_writer(path: Path, keep_through: int) -> MetricsLog:
+    """Open metrics.jsonl for appending, first dropping records after step `keep_through` (written
+    after the checkpoint a resumed run starts from, so they will be written again)."""
+    kept = []
+    if path.is_file() and keep_through > 0:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+            if record.get("step", 0) <= keep_through and not record.get("final"):
+                kept.append(line)
+    atomic_write(path, "".join(x + "\n" for x in kept))
+    return MetricsLog(path)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(path: Path, ctx: StepContext, progress: dict) -> None:
+    """Write the training state into a fresh directory, then swap it in with renames: a crash
+    leaves the previous checkpoint (or, between the two renames, `.checkpoint.old`, which
+    `load_checkpoint` also accepts)."""
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"student.{k}": v.detach().contiguous().cpu() for k, v in ctx.student.state_dict().items()}
+    if ctx.proj is not None:
+        tensors.update({f"proj.{k}": v.detach().contiguous().cpu() for k, v in ctx.proj.state_dict().items()})
+    save_file(tensors, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(), "rng": _rng_state()},
+               tmp / "training_state.pt")
+    write_json(tmp / "progress.json", progress)  # written last: its presence marks a complete checkpoint
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, ctx: StepContext, device) -> dict:
+    """Restore model, projection, optimizer, scheduler and RNG from `path`; returns the progress."""
+    if not (path / "progress.json").is_file():
+        old = path.with_name(f".{path.name}.old")
+        if not (old / "progress.json").is_file():
+            raise InputError(f"--resume: {path} is not a complete checkpoint")
+        path = old
+    tensors = load_file(str(path / "model.safetensors"), device=str(device))
+    ctx.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
+    if ctx.proj is not None:
+        ctx.proj.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return json.loads((path / "progress.json").read_text(encoding="utf-8"))
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "best", "checkpoint", ".checkpoint.tmp", ".checkpoint.old")
+
+
+def clear_run(out: Path) -> None:
+    """Remove a previous run's files from `out` (only those this command writes)."""
+    if not out.is_dir():
+        return
+    for entry in [out / name for name in RUN_FILES] + sorted(out.glob("seed-*")):
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.exists():
+            entry.unlink()
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    data = "demo" if cfg.is_demo else cfg.data.split(":", 1)[0]
+    layers = f"-{cfg.layers}L" if cfg.layers else ""
+    return Path("runs") / f"{data}-{cfg.init}{layers}-{'nokd' if cfg.no_kd else 'kd'}"
+
+
+def claim_out(cfg: TrainConfig, out: Path) -> None:
+    """Check that `out` is free for this run (or holds it, with --resume); write run.json."""
+    run_file = out / "run.json"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    if cfg.overwrite:
+        clear_run(out)
+    elif run_file.is_file():
+        _check_same_run(cfg, out, json.loads(run_file.read_text(encoding="utf-8")))
+    elif out.is_dir() and any((out / name).exists() for name in ("checkpoint", "best", "metrics.jsonl", "results.json")):
+        raise InputError(f"--out {out}: holds training output without run.json; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, {"identity": cfg.identity()})
+
+
+def _check_same_run(cfg: TrainConfig, out: Path, previous: dict) -> None:
+    old, new = previous.get("identity", {}), json.loads(json.dumps(cfg.identity()))
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:3])
+        raise InputError(f"--out {out}: holds a different run ({shown}); choose another --out or pass --overwrite")
+    unfinished = not (out / "results.json").exists() and any(out.glob("**/checkpoint"))
+    if unfinished and not cfg.resume:
+        raise InputError(f"--out {out}: holds an unfinished run of these settings; pass --resume to continue it "
+                         f"or --overwrite to start over")
+    if not cfg.resume:
+        clear_run(out)
+
+
+def seed_dirs(cfg: TrainConfig, out: Path) -> list[tuple[int, Path]]:
+    return [(s, out if len(cfg.seeds) == 1 else out / f"seed-{s}") for s in cfg.seeds]

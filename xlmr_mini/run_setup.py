@@ -1,0 +1,149 @@
+"""What a run needs, resolved once for all seeds (`prepare`), and a seed's models and step
+context (`build_context`): data, tokenizer and labels; the student as `--init` says (paper §2.2,
+`copy_weights.init_student`); the frozen teacher for KD; optimizer and schedule.
+"""
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xlmr_mini.checkpoint import build_model, find_tokenizer, load_model
+from xlmr_mini.config import XLMRConfig
+from xlmr_mini.copy_weights import INITS, StudentSpec, init_student, layer_map, scratch_state_dict, student_config
+from xlmr_mini.data import EncodedSplit, TaskData, encode_split, load_task, select_languages, stratified_subset
+from xlmr_mini.errors import InputError
+from xlmr_mini.inference import final_split, label_ids, to_model_labels
+from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
+from xlmr_mini.kd_step import StepContext, compile_forward_loss, linear_schedule, make_optimizer
+from xlmr_mini.model import XLMRClassifier
+from xlmr_mini.tokenizer import Tokenizer
+from xlmr_mini.train_config import DEMO_EPOCHS, DEMO_LR, PAPER_EPOCHS, PAPER_LR, TrainConfig
+
+
+@dataclasses.dataclass
+class Setup:
+    task: TaskData
+    tokenizer_file: Path
+    teacher_dir: Path | None  # the teacher used for init and/or KD (None: no teacher)
+    labels: tuple[str, ...]  # the model's label order
+    splits: dict[str, EncodedSplit]  # train, dev (the examples that select the checkpoint), final
+    final_name: str  # the reported split: test, else dev
+    final_note: str
+    select_langs: tuple[str, ...] = ()  # the dev languages that select the checkpoint
+    arch: XLMRConfig | None = None  # sizes for from-scratch when there is no teacher or base
+    epochs: int = PAPER_EPOCHS
+    lr: float = PAPER_LR
+
+
+def demo_banner() -> str:
+    return ("This is the built-in demo (a synthetic 6-language task, no downloads). On real data: "
+            "python -m xlmr_mini.train --data tsm:PATH --teacher TEACHER_DIR --init from-teacher (see --help).")
+
+
+def prepare(cfg: TrainConfig, teacher_dir: Path | None = None, arch: XLMRConfig | None = None) -> Setup:
+    """Load and check the data, tokenizer and labels; the demo's teacher is passed in `teacher_dir`."""
+    check_inputs(cfg)
+    task = load_task(cfg.data or "demo", cache_dir=cfg.cache_dir)
+    teacher_dir = Path(cfg.teacher) if cfg.teacher else teacher_dir
+    tok = find_tokenizer(teacher_dir) if teacher_dir else None
+    tok = tok or (find_tokenizer(cfg.base) if cfg.base else None) or task.tokenizer_path
+    if tok is None:
+        raise InputError("no tokenizer.json found beside --teacher or --base, and the data brings none")
+    labels = XLMRConfig.from_hf(teacher_dir).id2label if teacher_dir else task.labels
+    where = f"teacher {teacher_dir}" if teacher_dir else "model"
+    remap = label_ids(task.labels, labels, where)
+    final_name, note = final_split(task)
+    splits = _encode(cfg, task, Tokenizer(tok), remap, final_name)
+    return Setup(task=task, tokenizer_file=Path(tok), teacher_dir=teacher_dir, labels=labels, splits=splits,
+                 final_name=final_name, final_note=note, arch=arch,
+                 select_langs=tuple(sorted(set(splits["dev"].langs))),
+                 epochs=cfg.epochs or (DEMO_EPOCHS if cfg.is_demo else PAPER_EPOCHS),
+                 lr=cfg.lr if cfg.lr is not None else (DEMO_LR if cfg.is_demo else PAPER_LR))
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    if cfg.init not in INITS:
+        raise InputError(f"--init {cfg.init!r}: unknown initialization; choose one of {', '.join(INITS)}")
+    if not cfg.is_demo and cfg.teacher is None and (cfg.init == "from-teacher" or not cfg.no_kd):
+        need = "from-teacher copies the teacher" if cfg.init == "from-teacher" else "distillation needs a teacher"
+        raise InputError(f"--teacher: {need}; give the fine-tuned teacher's directory (only the demo trains its own), "
+                         f"or use --no-kd with --init from-base/from-scratch")
+    if cfg.init == "from-base" and cfg.base is None:
+        raise InputError("--base: from-base copies a pretrained base model; give its directory (e.g. xlm-roberta-base)")
+    if not 0.0 < cfg.subset <= 1.0:
+        raise InputError(f"--subset {cfg.subset}: must be a fraction in (0, 1]")
+
+
+def _encode(cfg: TrainConfig, task: TaskData, tok: Tokenizer, remap: np.ndarray, final_name: str) -> dict:
+    if "train" not in task.splits or "dev" not in task.splits:
+        raise InputError(f"{task.source}: training needs a train and a dev split (found: {', '.join(task.splits)})")
+    train = select_languages(task.splits["train"], cfg.train_langs, task)
+    # The subset is the data's, not the run's: every seed and init trains on the same examples.
+    train = stratified_subset(train, cfg.subset, seed=0)
+    # Zero-shot runs select on the training languages' dev examples only: held-out languages'
+    # labels must not pick the checkpoint that is then reported on them.
+    dev = task.splits["dev"] if cfg.select_on == "all" else select_languages(task.splits["dev"], cfg.train_langs, task)
+    parts = {"train": train, "dev": dev, "final": task.splits[final_name]}
+    return {name: encode_split(to_model_labels(split, remap), tok, cfg.max_length, cache_dir=cfg.cache_dir)
+            for name, split in parts.items()}
+
+
+def student_spec(cfg: TrainConfig, setup: Setup) -> StudentSpec:
+    layers = cfg.layers
+    if layers is None and cfg.layer_map is None and setup.teacher_dir is not None:
+        layers = max(1, XLMRConfig.from_hf(setup.teacher_dir).num_hidden_layers // 2)
+    return StudentSpec(layers=layers, hidden=cfg.hidden, heads=cfg.heads, intermediate=cfg.intermediate,
+                       layer_map=cfg.layer_map, id2label=setup.labels)
+
+
+def initial_student(cfg: TrainConfig, setup: Setup, seed: int) -> tuple[XLMRConfig, dict]:
+    """(config, HF state dict) of the untrained student, as `--init` says."""
+    spec = student_spec(cfg, setup)
+    if cfg.init == "from-scratch" and setup.teacher_dir is None and cfg.base is None:
+        if setup.arch is None:
+            raise InputError("--init from-scratch: give --teacher or --base to take the sizes from")
+        scfg = student_config(setup.arch, spec)
+        return scfg, scratch_state_dict(scfg, seed)
+    return init_student(cfg.init, spec, teacher=setup.teacher_dir, base=cfg.base, seed=seed)
+
+
+def load_teacher(setup: Setup, student_cfg: XLMRConfig, device) -> XLMRClassifier:
+    teacher = load_model(setup.teacher_dir, device=device).eval().requires_grad_(False)
+    if teacher.cfg.id2label != student_cfg.id2label:
+        raise InputError(f"teacher {setup.teacher_dir}: labels {teacher.cfg.id2label} disagree with the student's "
+                         f"{student_cfg.id2label}")
+    if teacher.cfg.num_attention_heads != student_cfg.num_attention_heads:
+        raise InputError(f"attention distillation compares heads one to one: the student has "
+                         f"{student_cfg.num_attention_heads} heads, the teacher {teacher.cfg.num_attention_heads}; "
+                         f"keep --heads at the teacher's or use --no-kd")
+    if teacher.cfg.vocab_size != student_cfg.vocab_size:
+        raise InputError(f"teacher {setup.teacher_dir}: vocabulary {teacher.cfg.vocab_size} differs from the "
+                         f"student's {student_cfg.vocab_size}; both must share one tokenizer")
+    return teacher
+
+
+def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int) -> StepContext:
+    torch.manual_seed(seed)
+    scfg, sd = initial_student(cfg, setup, seed)
+    if cfg.max_length + scfg.pad_token_id + 1 > scfg.max_position_embeddings:
+        raise InputError(f"--max-length {cfg.max_length}: the model has positions for at most "
+                         f"{scfg.max_position_embeddings - scfg.pad_token_id - 1} tokens")
+    student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
+    loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=cfg.kd_impl,
+                            loss_norm=cfg.loss_norm)
+    teacher, proj, lmap = None, None, []
+    if loss_cfg.kd:
+        teacher = load_teacher(setup, scfg, device)
+        lmap = layer_map(teacher.cfg.num_hidden_layers, scfg.num_hidden_layers, cfg.layer_map)
+        proj = HiddenProjection(scfg.hidden_size, teacher.cfg.hidden_size, cfg.hid_proj).to(device)
+    params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    optimizer = make_optimizer(params, setup.lr, cfg.weight_decay)
+    ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
+                      optimizer=optimizer, params=params,
+                      scheduler=linear_schedule(optimizer, total_steps, math.ceil(cfg.warmup_ratio * total_steps)),
+                      max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16)
+    if cfg.compile:
+        ctx.loss_fn = compile_forward_loss()
+    return ctx

@@ -1,0 +1,160 @@
+"""The run configuration: `TrainConfig`, one field per `python -m xlmr_mini.train` flag, and the
+argparse parser derived from its fields (help text and choices live beside each field).
+
+The defaults follow the paper's §3.1 (AdamW with transformers' defaults: lr 5e-5, betas
+0.9/0.999, eps 1e-8, no weight decay, gradient norm clipped at 1.0 as the transformers Trainer
+does; linear decay to 0 with no warm-up; 30 epochs), except where a field's help says otherwise.
+"""
+import argparse
+import dataclasses
+
+from xlmr_mini.copy_weights import INITS
+from xlmr_mini.errors import InputError, OneLineErrorParser
+from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, IMPLS, LOSS_NORMS
+from xlmr_mini.metrics import METRICS
+
+PAPER_EPOCHS = 30
+PAPER_LR = 5e-5  # transformers' default, which the paper kept
+DEMO_EPOCHS = 8
+DEMO_LR = 1e-3
+# The demo's models are tiny: one thread beats two (thread sync costs more than the matmuls, ~10x
+# slower on a busy 2-core machine).
+DEMO_THREADS = 1
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_SEEDS = (42,)
+SELECT_ON = ("train-langs", "all")
+PRESETS = ("paper",)
+# §3.1: evaluation every 5000 steps on massive for §3.2-3.3 and 100 for §3.4 (English only);
+# on tsm 500, 250 and 60 for §3.2 (all languages), §3.3 (seen languages) and §3.4.
+PAPER_EVAL_STEPS = {("massive", "all"): 5000, ("massive", "seen"): 5000, ("massive", "english"): 100,
+                    ("tsm", "all"): 500, ("tsm", "seen"): 250, ("tsm", "english"): 60}
+
+
+def paper_settings(data: str | None, train_langs: str) -> dict:
+    """The paper's settings where our defaults differ: batch 8 (transformers' default), 30 epochs,
+    seeds 1 2 3, and its evaluation steps for the dataset and training languages."""
+    values = {"batch_size": 8, "epochs": PAPER_EPOCHS, "seeds": (1, 2, 3)}
+    kind = (data or "demo").split(":", 1)[0]
+    if (kind, train_langs) in PAPER_EVAL_STEPS:
+        values["eval_steps"] = PAPER_EVAL_STEPS[kind, train_langs]
+    return values
+
+
+def _field(default, help, **kw):
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run takes; `python -m xlmr_mini.train --help` mirrors it flag by flag."""
+
+    init: str = _field("from-teacher", "how the model starts: copy the fine-tuned teacher, copy a pretrained base, or random", choices=INITS)
+    teacher: str | None = _field(None, "fine-tuned teacher HF directory (the demo trains and caches its own)")
+    base: str | None = _field(None, "pretrained base HF directory, e.g. xlm-roberta-base (for --init from-base)")
+    data: str | None = _field(None, "dataset: massive:PATH, tsm:PATH, file:PATH, or demo (default: the built-in demo)")
+    layers: int | None = _field(None, "student layers (default: half the teacher's whenever there is a teacher; "
+                                "from-base without one: the base's, the teacher recipe)")
+    hidden: int | None = _field(None, "student hidden size (default: the teacher's)")
+    heads: int | None = _field(None, "student attention heads (default: the teacher's)")
+    intermediate: int | None = _field(None, "student MLP size (default: the teacher's, scaled like --hidden)")
+    layer_map: list[int] | None = _field(None, "0-based teacher layer per student layer (default: layer i*divisor, paper eq. 5)")
+    train_langs: str = _field("all", "training languages: all | seen | english | comma-separated list")
+    subset: float = _field(1.0, "train on this stratified fraction of the training split (0-1]")
+    epochs: int | None = _field(None, f"training epochs (default: {PAPER_EPOCHS} as the paper; the demo: {DEMO_EPOCHS})")
+    max_steps: int | None = _field(None, "train exactly this many steps instead (the schedule decays over them)")
+    batch_size: int | None = _field(None, f"training batch size (default: {DEFAULT_BATCH_SIZE}, faster on a GPU; the paper "
+                                    f"kept transformers' default 8, see --preset paper)")
+    eval_batch_size: int = _field(64, "evaluation batch size")
+    lr: float | None = _field(None, f"peak learning rate (default: {PAPER_LR}, transformers' default; the demo: {DEMO_LR})")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    warmup_ratio: float = _field(0.0, "fraction of the steps with a linear warm-up before the decay (the paper: none)")
+    max_grad_norm: float = _field(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_length: int = _field(128, "tokens per example including <s> and </s>")
+    eval_steps: int | None = _field(None, "evaluate on dev every this many steps (default: once per epoch; --preset "
+                                    "paper: the paper's §3.1 steps for the dataset and training languages)")
+    seeds: list[int] | None = _field(None, "one run per seed; several report mean and spread (default: 42; the paper: "
+                                     "1 2 3)")
+    metric: str = _field("micro-f1", "dev metric that picks the best checkpoint (the paper's F1 is micro-F1)", choices=METRICS)
+    select_on: str = _field("train-langs", "dev languages that pick the best checkpoint: the training languages only "
+                            "(zero-shot runs never see held-out labels) or all", choices=SELECT_ON)
+    no_kd: bool = _field(False, "train on labels only (cross-entropy), no distillation: the paper's NON-KD")
+    att_target: str = _field("probs", "attention KD target: softmax probabilities (the paper's eq. 1 on transformers' "
+                             "attention outputs) or pre-softmax scores (TinyBERT's code)", choices=ATT_TARGETS)
+    loss_norm: str = _field("masked", "KD loss normalisation: masked means over real tokens, mean over layers; or "
+                            "TinyBERT's code (means at padded length, pads included, summed over layers)",
+                            choices=LOSS_NORMS)
+    hid_proj: str = _field("linear", "narrower student: learnable projection (fit_dense) or the teacher's copied units", choices=HID_PROJS)
+    kd_impl: str = _field("reference", "KD loss implementation: PyTorch reference or fused kernels (Triton on GPU)", choices=IMPLS)
+    bf16: bool = _field(False, "bfloat16 autocast for forward passes (weights and optimizer stay fp32)")
+    compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
+    device: str = _field("auto", "cpu, cuda, or auto")
+    num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
+    out: str | None = _field(None, "output directory (default: runs/<data>-<init>-<layers>L-<kd|nokd>)")
+    resume: bool = _field(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = _field(False, "replace a different run found in --out")
+    stop_after: int | None = _field(None, "checkpoint and stop once the run reaches this step (continue later with --resume)")
+    cache_dir: str | None = _field(None, "cache for tokenized data, the demo and its teacher (default: ~/.cache/xlmr_mini)")
+    preset: str | None = _field(None, "paper: the paper's settings where our defaults differ (batch 8, its evaluation "
+                                "steps, 30 epochs, seeds 1 2 3); flags given explicitly still win", choices=PRESETS)
+
+    def __post_init__(self):
+        # A preset fills only what was left unset (None), so explicit flags win and applying
+        # it again (dataclasses.replace) changes nothing.
+        if self.preset == "paper":
+            for name, value in paper_settings(self.data, self.train_langs).items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        self.batch_size = self.batch_size if self.batch_size is not None else DEFAULT_BATCH_SIZE
+        self.seeds = tuple(self.seeds if self.seeds is not None else DEFAULT_SEEDS)
+        self.layer_map = tuple(self.layer_map) if self.layer_map is not None else None
+        if not self.seeds:
+            raise InputError("--seeds: give at least one seed")
+        for name in ("batch_size", "eval_batch_size", "epochs", "max_steps", "eval_steps", "stop_after", "layers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.data in (None, "demo")
+
+    def identity(self) -> dict:
+        """The settings that define the run's result (what `run.json` compares)."""
+        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog="python -m xlmr_mini.train",
+        description="Train an XLM-R classifier: a teacher (--init from-base --no-kd), or a student initialized "
+        "from the teacher, the base, or from scratch, with TinyBERT-style distillation (default) or without "
+        "(--no-kd). With no --data it runs the built-in demo (trains its own small teacher first).",
+        epilog="Example, the paper's tsm setup: train a teacher with --init from-base --base XLMR --layers 12 --no-kd "
+        "--data tsm:PATH --out runs/teacher, then a student with --init from-teacher --teacher runs/teacher/best "
+        "--layers 6 --data tsm:PATH --preset paper.",
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        if f.type == "bool" or f.type is bool:
+            p.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kind = {"int": int, "float": float, "str": str}
+        base = next((t for name, t in kind.items() if str(f.type).startswith(name) or f.type is t), str)
+        nargs = "+" if str(f.type).startswith("list") else None
+        default_text = f" (default: {_show(f.default)})" if f.default is not None else ""
+        p.add_argument(flag, type=int if nargs else base, nargs=nargs, default=f.default,
+                       choices=meta.get("choices"), help=meta["help"] + default_text)
+    return p
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def parse_config(argv=None) -> TrainConfig:
+    args = _parser().parse_args(argv)
+    return TrainConfig(**vars(args))
