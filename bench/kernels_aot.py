@@ -194,10 +194,6 @@ def blocks_per_sm(arch: int, res: Resources, num_warps: int) -> int:
     return min(by_regs, by_smem, by_threads, lim.blocks_per_sm)
 
 
-def shared_fits(arch: int, shared: int) -> bool:
-    return shared <= LIMITS[arch].smem_per_block
-
-
 def report_rows(shapes, dtypes=tuple(DTYPES), archs=ARCHS):
     """One dict per (shape, dtype, kernel, variant, arch)."""
     rows = []
@@ -211,7 +207,7 @@ def report_rows(shapes, dtypes=tuple(DTYPES), archs=ARCHS):
                         shape=shape.name, paper=shape in PAPER, kernel=kernel, variant=variant,
                         dtype=dt, arch=LIMITS[arch].name, **asdict(res), warps=cfg.num_warps,
                         stages=cfg.num_stages, blocks_per_sm=blocks_per_sm(arch, res, cfg.num_warps),
-                        shared_fits=shared_fits(arch, res.shared),
+                        shared_limit=LIMITS[arch].smem_per_block,
                         max_stack_bytes=cfg.max_stack_bytes, why=cfg.why,
                         constexprs={k: v for k, v in cfg.constexprs.items() if k.startswith("BLOCK")}))
     return rows
@@ -263,8 +259,9 @@ def main(argv=None):
                        header, lines, notes=NOTES)
     else:
         print("\n".join([header, "|" + "---|" * (header.count("|") - 1), *lines]))
-    spilled = [r for r in rows if r["error"] or r["stack"] > r["max_stack_bytes"]]
-    sys.exit(1 if spilled else 0)
+    failed = [r for r in rows if r["error"] or r["stack"] > r["max_stack_bytes"]
+              or r["shared"] > r["shared_limit"]]
+    sys.exit(1 if failed else 0)
 
 
 NOTES = ("Compiled with no GPU: resources are what ptxas (from the Triton wheel) assigned, read "

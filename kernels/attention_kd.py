@@ -25,8 +25,10 @@ Masked entries are excluded with `torch.where` (maps may hold -inf or finfo.min 
 they are never multiplied by 0). A batch with no valid token gives 0 (denominator clamped to 1).
 
 Caveats: the teacher is a constant target and gets no gradient. fp32 scores use IEEE fp32 dots
-(`input_precision="ieee"`), not TF32, so they match the reference tightly; bf16 inputs use bf16
-dots with fp32 accumulation. Per-program partial sums are added in a fixed order: results are
+(`input_precision="ieee"`, on the FMA units), not TF32: TF32 keeps 10 mantissa bits (~1e-3
+relative error per product), far outside the 1e-5 the fp32 path is tested to, so fp32 stays exact
+and compute-bound (bench/RESULTS.md, roofline estimate); bf16 is the fast path, bf16 dots on tensor
+cores with fp32 accumulation. Per-program partial sums are added in a fixed order: results are
 bit-reproducible run to run. Head dims are padded to a power of two >= 16 inside the kernel.
 Student and teacher may differ in dtype; the dot precision follows the student's. Under Triton's
 CPU interpreter, 16-bit operands are upcast before `tl.dot` (the interpreter's bf16 dot is broken),
@@ -35,7 +37,10 @@ The probabilities variant assumes no attention bias besides the padding mask (XL
 
 Dispatch: Triton on CUDA tensors or under TRITON_INTERPRET=1, else the references.
 
-Measured on: CPU interpreter only so far (correctness); GPU speed not yet measured.
+Hardware: correctness checked on CPU through the interpreter only. Compiled ahead of time for
+sm_80 (A100) and sm_90 (H100) with Triton 3.9 (`python -m bench.kernels_aot`): at the launch
+configs `map_mse_config` and `score_mse_config` pick, no kernel spills registers and each fits
+2-4 blocks per SM (tests/test_kernels_aot.py holds that). GPU speed not yet measured.
 """
 import math
 
@@ -348,17 +353,26 @@ def score_mse_config(L: int, B: int, H: int, T: int, d_s: int, d_t: int, dtypes,
                      part: str, interpreted: bool = False) -> LaunchConfig:
     """Launch config of one Q/K kernel (pure: the AOT report calls it too). `dtypes` are the
     student's and the teacher's; `part` is "fwd", or "dq" / "dk" for the two backward launches."""
-    block = min(max(next_power_of_2(T), 16), 64)
-    # IEEE fp32 dots for fp32 students (TF32 would cost ~1e-3 relative); ignored for 16-bit.
-    precision = "ieee" if dtypes[0] == torch.float32 else "tf32"
-    meta = dict(PRECISION=precision, UPCAST=upcast_dots(dtypes, interpreted), PROBS=probs,
-                BLOCK_DS=max(next_power_of_2(d_s), 16), BLOCK_DT=max(next_power_of_2(d_t), 16))
+    # Tiles of 32 owned rows x 64 looped rows (fewer at small T). 64 x 64 tiles spilled: up to
+    # 13 KB of stack per thread in fp32 on sm_80, 24 B in bf16 (bench/RESULTS.md, before/after).
+    block_loop = min(max(next_power_of_2(T), 16), 64)
+    block_own = min(block_loop, 32)
+    fp32 = dtypes[0] == torch.float32
+    # IEEE fp32 dots for fp32 students: they run on the FMA units, so each thread holds more of
+    # the operands than on tensor cores; 8 warps share a 32 x 32 or 32 x 64 tile (4 warps spilled
+    # 8-32 B at 32 x 32), and one stage (T <= 128 makes at most two key blocks to overlap) keeps
+    # shared memory at 48 KB or less. bf16 dots run on tensor cores: 4 warps, two stages. TF32
+    # would cost ~1e-3 relative error, beyond what the fp32 path is tested to.
+    meta = dict(PRECISION="ieee" if fp32 else "tf32", UPCAST=upcast_dots(dtypes, interpreted),
+                PROBS=probs, BLOCK_DS=max(next_power_of_2(d_s), 16),
+                BLOCK_DT=max(next_power_of_2(d_t), 16))
     if part == "fwd":
-        meta.update(BLOCK_Q=block, BLOCK_K=block)
+        meta.update(BLOCK_Q=block_own, BLOCK_K=block_loop)
     else:
-        meta.update(A_IS_QUERY=part == "dq", BLOCK_A=block, BLOCK_B=block)
-    return LaunchConfig(grid=(L * B * H, cdiv(T, block)), num_warps=4, num_stages=3,
-                        constexprs=meta)
+        meta.update(A_IS_QUERY=part == "dq", BLOCK_A=block_own, BLOCK_B=block_loop)
+    big_fp32 = fp32 and block_own * block_loop >= 1024
+    return LaunchConfig(grid=(L * B * H, cdiv(T, block_own)), num_warps=8 if big_fp32 else 4,
+                        num_stages=1 if fp32 else 2, constexprs=meta)
 
 
 def _qk_config(q_s, q_t, probs, part):
