@@ -14,7 +14,7 @@ numbers depend on Triton's and ptxas's versions, not on the host that compiles.
     python -m bench.kernels_aot                    # all representative shapes, table
     python -m bench.kernels_aot --shapes paper     # the paper's shapes only
     python -m bench.kernels_aot --json             # one JSON object per row, for machines
-    python -m bench.kernels_aot --roofline         # bytes, FLOPs and roofline time at the paper's shapes
+    python -m bench.kernels_aot --roofline         # roofline estimate at the paper's shapes
     python -m bench.kernels_aot --record           # also append the table to bench/RESULTS.md
 """
 import argparse
@@ -255,8 +255,8 @@ def main(argv=None):
         return
     header, lines = table(rows)
     if args.record:
-        append_results(f"Triton kernels compiled ahead of time for sm_80 / sm_90 ({args.shapes} shapes)",
-                       header, lines, notes=NOTES)
+        title = f"Triton kernels compiled ahead of time for sm_80 / sm_90 ({args.shapes} shapes)"
+        append_results(title, header, lines, notes=NOTES)
     else:
         print("\n".join([header, "|" + "---|" * (header.count("|") - 1), *lines]))
     failed = [r for r in rows if r["error"] or r["stack"] > r["max_stack_bytes"]

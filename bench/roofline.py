@@ -49,7 +49,8 @@ def kernel_work(T: int, dtype_bytes: int, L=6, B=32, H=12, d=64, D=768) -> list[
     qk = 4 * rows * d * dtype_bytes  # Q and K of student and teacher
     stats = 3 * rows * 4  # fp32 log-sum-exp of both sides and delta, for probabilities
     per_dot = 2 * entries * d  # one T x T x d product per (layer, sequence, head)
-    out = [Work("layer MSE fwd", 3 * hidden * dtype_bytes, 0, OTHER_PER_ENTRY["layer MSE fwd"] * hidden),
+    out = [Work("layer MSE fwd", 3 * hidden * dtype_bytes, 0,
+                OTHER_PER_ENTRY["layer MSE fwd"] * hidden),
            Work("attention-map MSE fwd", 3 * entries * dtype_bytes, 0,
                 OTHER_PER_ENTRY["attention-map MSE fwd"] * entries)]
     for target, probs in (("scores", False), ("probs", True)):
