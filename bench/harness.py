@@ -100,12 +100,22 @@ def measure(name, fn, items: float, rate_unit: str = "samples/s", warmup: int = 
     return Measurement(name, med, (max(times) - min(times)) / 2, peak, items / med, rate_unit)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def environment() -> str:
     """One line naming the device and software versions."""
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
     else:
-        dev = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        dev = f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"
     versions = [f"torch {torch.__version__}"]
     for mod in ("triton", "transformers"):
         try:

@@ -7,8 +7,15 @@ training works on any machine.
 
 Triton reads `TRITON_INTERPRET` when a kernel is defined (at import), so set it before importing
 `xlmr_mini.kernels`; the switch here reads it at call time only to choose between the two paths.
+
+Launchers pick their grid, block sizes, warps and stages with a pure function of shapes and dtypes
+returning a `LaunchConfig`, and start kernels through `launch`. `record_launches` makes `launch`
+record instead of run: the ahead-of-time report (`python -m bench.kernels_aot`) runs the launchers
+on meta tensors and compiles exactly what they would launch for sm_80 and sm_90, without a GPU.
 """
+import contextlib
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,3 +59,52 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))  # not triton.cdiv: configs are chosen without Triton too
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a kernel is launched. `max_stack_bytes` is the local-memory (spill) bound the compiled
+    kernel is held to on sm_80 and sm_90 (tests/test_kernels_aot.py); a config that cannot be
+    spill-free says `why` beside it."""
+
+    grid: tuple[int, ...]
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    max_stack_bytes: int = 0
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One recorded launch: the kernel, its positional arguments, its config."""
+
+    kernel: object
+    args: tuple
+    config: LaunchConfig
+
+
+_recorded: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block, `launch` appends to the yielded list instead of starting kernels."""
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
+
+
+def launch(kernel, config: LaunchConfig, *args) -> None:
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, args, config))
+        return
+    kernel[config.grid](*args, **config.constexprs, num_warps=config.num_warps,
+                        num_stages=config.num_stages)

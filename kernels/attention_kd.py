@@ -25,8 +25,10 @@ Masked entries are excluded with `torch.where` (maps may hold -inf or finfo.min 
 they are never multiplied by 0). A batch with no valid token gives 0 (denominator clamped to 1).
 
 Caveats: the teacher is a constant target and gets no gradient. fp32 scores use IEEE fp32 dots
-(`input_precision="ieee"`), not TF32, so they match the reference tightly; bf16 inputs use bf16
-dots with fp32 accumulation. Per-program partial sums are added in a fixed order: results are
+(`input_precision="ieee"`, on the FMA units), not TF32: TF32 keeps 10 mantissa bits (~1e-3
+relative error per product), far outside the 1e-5 the fp32 path is tested to, so fp32 stays exact
+and compute-bound (bench/RESULTS.md, roofline estimate); bf16 is the fast path, bf16 dots on tensor
+cores with fp32 accumulation. Per-program partial sums are added in a fixed order: results are
 bit-reproducible run to run. Head dims are padded to a power of two >= 16 inside the kernel.
 Student and teacher may differ in dtype; the dot precision follows the student's. Under Triton's
 CPU interpreter, 16-bit operands are upcast before `tl.dot` (the interpreter's bf16 dot is broken),
@@ -35,13 +37,17 @@ The probabilities variant assumes no attention bias besides the padding mask (XL
 
 Dispatch: Triton on CUDA tensors or under TRITON_INTERPRET=1, else the references.
 
-Measured on: CPU interpreter only so far (correctness); GPU speed not yet measured.
+Hardware: correctness checked on CPU through the interpreter only. Compiled ahead of time for
+sm_80 (A100) and sm_90 (H100) with Triton 3.9 (`python -m bench.kernels_aot`): at the launch
+configs `map_mse_config` and `score_mse_config` pick, no kernel spills registers and each fits
+2-4 blocks per SM (tests/test_kernels_aot.py holds that). GPU speed not yet measured.
 """
 import math
 
 import torch
 
-from ._dispatch import tl, triton, use_triton, next_power_of_2
+from ._dispatch import (LaunchConfig, cdiv, interpreting, launch, next_power_of_2, tl, triton,
+                        use_triton)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,24 +297,33 @@ def _check_map(a_s, a_t, mask):
                          f"{(a_s.shape[1], a_s.shape[3])}; got {tuple(mask.shape)}")
 
 
-@torch.library.custom_op("xlmr_mini::attention_map_mse_fwd", mutates_args=())
-def _attention_map_mse_fwd(a_s: torch.Tensor, a_t: torch.Tensor,
-                           mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def map_mse_config(L: int, B: int, H: int, T: int, dtype: torch.dtype) -> LaunchConfig:
+    """Launch config for [L, B, H, T, T] maps (pure: the AOT report calls it too)."""
+    block_k = min(max(next_power_of_2(T), 16), 128)
+    block_q = max(1, min(next_power_of_2(T), 4096 // block_k))
+    return LaunchConfig(grid=(L, B * H, cdiv(T, block_q)), num_warps=4, num_stages=3,
+                        constexprs=dict(BLOCK_Q=block_q, BLOCK_K=block_k))
+
+
+def _attention_map_mse_fwd_impl(a_s: torch.Tensor, a_t: torch.Tensor,
+                                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss [L] fp32, d loss / d a_s [L, B, H, T, T] in a_s's dtype)."""
     _check_map(a_s, a_t, mask)
     L, B, H, T, _ = a_s.shape
     a_s, a_t = a_s.contiguous(), a_t.contiguous()
     valid = mask.to(torch.int32).contiguous()
-    block_k = min(max(next_power_of_2(T), 16), 128)
-    block_q = max(1, min(next_power_of_2(T), 4096 // block_k))
-    n_q = triton.cdiv(T, block_q) if T else 0
+    config = map_mse_config(L, B, H, T, a_s.dtype)
+    n_q = config.grid[2]
     grad = torch.empty_like(a_s)
     partial = torch.zeros(L, max(B * H * n_q, 1), dtype=torch.float32, device=a_s.device)
     denom = _att_denominator(valid, H).to(torch.float32).reshape(1)
     if L and B * H and n_q:
-        _map_mse_kernel[(L, B * H, n_q)](a_s, a_t, valid, grad, partial, denom, B * H, H, T, n_q,
-                                         BLOCK_Q=block_q, BLOCK_K=block_k)
+        launch(_map_mse_kernel, config, a_s, a_t, valid, grad, partial, denom, B * H, H, T, n_q)
     return partial.sum(dim=1) / denom, grad
+
+
+_attention_map_mse_fwd = torch.library.custom_op(
+    "xlmr_mini::attention_map_mse_fwd", _attention_map_mse_fwd_impl, mutates_args=())
 
 
 @_attention_map_mse_fwd.register_fake
@@ -328,19 +343,47 @@ def _check_qk(q_s, k_s, q_t, k_t, mask):
                          f"{(q_s.shape[1], q_s.shape[3])}; got {tuple(mask.shape)}")
 
 
-def _qk_blocks(T, d_s, d_t, tensors):
-    block = min(max(next_power_of_2(T), 16), 64)
-    # IEEE fp32 dots for fp32 students (TF32 would cost ~1e-3 relative); ignored for 16-bit.
-    precision = "ieee" if tensors[0].dtype == torch.float32 else "tf32"
-    upcast = tensors[0].device.type == "cpu" and any(x.dtype != torch.float32 for x in tensors)
-    return dict(PRECISION=precision, UPCAST=upcast, BLOCK_DS=max(next_power_of_2(d_s), 16),
-                BLOCK_DT=max(next_power_of_2(d_t), 16)), block
+def upcast_dots(dtypes, interpreted: bool) -> bool:
+    """Whether `tl.dot` upcasts 16-bit operands: under Triton's interpreter only, wherever the
+    tensors live (its bf16 dot is broken; a compiled GPU kernel must keep its bf16 dots)."""
+    return interpreted and any(dt != torch.float32 for dt in dtypes)
 
 
-@torch.library.custom_op("xlmr_mini::attention_score_mse_fwd", mutates_args=())
-def _attention_score_mse_fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
-                             k_t: torch.Tensor, mask: torch.Tensor, probs: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_mse_config(L: int, B: int, H: int, T: int, d_s: int, d_t: int, dtypes, probs: bool,
+                     part: str, interpreted: bool = False) -> LaunchConfig:
+    """Launch config of one Q/K kernel (pure: the AOT report calls it too). `dtypes` are the
+    student's and the teacher's; `part` is "fwd", or "dq" / "dk" for the two backward launches."""
+    # Tiles of 32 owned rows x 64 looped rows (fewer at small T). 64 x 64 tiles spilled: up to
+    # 13 KB of stack per thread in fp32 on sm_80, 24 B in bf16 (bench/RESULTS.md, before/after).
+    block_loop = min(max(next_power_of_2(T), 16), 64)
+    block_own = min(block_loop, 32)
+    fp32 = dtypes[0] == torch.float32
+    # IEEE fp32 dots for fp32 students: they run on the FMA units, so each thread holds more of
+    # the operands than on tensor cores; 8 warps share a 32 x 32 or 32 x 64 tile (4 warps spilled
+    # 8-32 B at 32 x 32), and one stage (T <= 128 makes at most two key blocks to overlap) keeps
+    # shared memory at 48 KB or less. bf16 dots run on tensor cores: 4 warps, two stages. TF32
+    # would cost ~1e-3 relative error, beyond what the fp32 path is tested to.
+    meta = dict(PRECISION="ieee" if fp32 else "tf32", UPCAST=upcast_dots(dtypes, interpreted),
+                PROBS=probs, BLOCK_DS=max(next_power_of_2(d_s), 16),
+                BLOCK_DT=max(next_power_of_2(d_t), 16))
+    if part == "fwd":
+        meta.update(BLOCK_Q=block_own, BLOCK_K=block_loop)
+    else:
+        meta.update(A_IS_QUERY=part == "dq", BLOCK_A=block_own, BLOCK_B=block_loop)
+    big_fp32 = fp32 and block_own * block_loop >= 1024
+    return LaunchConfig(grid=(L * B * H, cdiv(T, block_own)), num_warps=8 if big_fp32 else 4,
+                        num_stages=1 if fp32 else 2, constexprs=meta)
+
+
+def _qk_config(q_s, q_t, probs, part):
+    L, B, H, T, d_s = q_s.shape
+    return score_mse_config(L, B, H, T, d_s, q_t.shape[-1], (q_s.dtype, q_t.dtype), probs, part,
+                            interpreting())
+
+
+def _attention_score_mse_fwd_impl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
+                                  k_t: torch.Tensor, mask: torch.Tensor, probs: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss [L] fp32, lse_s, lse_t, delta); the last three are [L, B, H, T] fp32 when
     `probs`, else empty."""
     _check_qk(q_s, k_s, q_t, k_t, mask)
@@ -348,18 +391,20 @@ def _attention_score_mse_fwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Te
     d_t = q_t.shape[-1]
     q_s, k_s, q_t, k_t = (x.contiguous() for x in (q_s, k_s, q_t, k_t))
     valid = mask.to(torch.int32).contiguous()
-    meta, block = _qk_blocks(T, d_s, d_t, (q_s, q_t))
-    n_q = triton.cdiv(T, block) if T else 0
+    config = _qk_config(q_s, q_t, probs, "fwd")
+    n_q = config.grid[1]
     partial = torch.zeros(L, max(B * H * n_q, 1), dtype=torch.float32, device=q_s.device)
     rows = (L, B, H, T) if probs else (0,)
     lse_s, lse_t, delta = (torch.zeros(rows, dtype=torch.float32, device=q_s.device)
                            for _ in range(3))
     if L * B * H and n_q:
-        _score_mse_fwd_kernel[(L * B * H, n_q)](
-            q_s, k_s, q_t, k_t, valid, partial, lse_s, lse_t, delta, B, H, T, d_s, d_t,
-            1 / math.sqrt(d_s), 1 / math.sqrt(d_t), n_q, PROBS=probs, BLOCK_Q=block,
-            BLOCK_K=block, **meta)
+        launch(_score_mse_fwd_kernel, config, q_s, k_s, q_t, k_t, valid, partial, lse_s, lse_t,
+               delta, B, H, T, d_s, d_t, 1 / math.sqrt(d_s), 1 / math.sqrt(d_t), n_q)
     return partial.sum(dim=1) / _att_denominator(valid, H), lse_s, lse_t, delta
+
+
+_attention_score_mse_fwd = torch.library.custom_op(
+    "xlmr_mini::attention_score_mse_fwd", _attention_score_mse_fwd_impl, mutates_args=())
 
 
 @_attention_score_mse_fwd.register_fake
@@ -370,11 +415,10 @@ def _(q_s, k_s, q_t, k_t, mask, probs):
             *(q_s.new_empty(rows, dtype=torch.float32) for _ in range(3)))
 
 
-@torch.library.custom_op("xlmr_mini::attention_score_mse_bwd", mutates_args=())
-def _attention_score_mse_bwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
-                             k_t: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor,
-                             lse_s: torch.Tensor, lse_t: torch.Tensor, delta: torch.Tensor,
-                             probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_score_mse_bwd_impl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
+                                  k_t: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor,
+                                  lse_s: torch.Tensor, lse_t: torch.Tensor, delta: torch.Tensor,
+                                  probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dq_s, dk_s), recomputing the score tiles; `grad_loss` is d out / d loss [L]."""
     L, B, H, T, d_s = q_s.shape
     d_t = q_t.shape[-1]
@@ -382,19 +426,19 @@ def _attention_score_mse_bwd(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Te
     valid = mask.to(torch.int32).contiguous()
     grad_loss = grad_loss.to(torch.float32).contiguous()
     denom = _att_denominator(valid, H).to(torch.float32).reshape(1)
-    meta, block = _qk_blocks(T, d_s, d_t, (q_s, q_t))
-    n_blocks = triton.cdiv(T, block) if T else 0
     dq_s, dk_s = torch.empty_like(q_s), torch.empty_like(k_s)
-    if L * B * H and n_blocks:
-        for a_is_query, (a_s, b_s, a_t, b_t, out) in ((True, (q_s, k_s, q_t, k_t, dq_s)),
-                                                      (False, (k_s, q_s, k_t, q_t, dk_s))):
-            _score_mse_bwd_kernel[(L * B * H, n_blocks)](
-                a_s, b_s, a_t, b_t, valid, grad_loss, denom, lse_s, lse_t, delta, out, B, H, T,
-                d_s, d_t, 1 / math.sqrt(d_s), 1 / math.sqrt(d_t), A_IS_QUERY=a_is_query,
-                PROBS=probs, BLOCK_A=block, BLOCK_B=block, **meta)
-    else:
-        dq_s.zero_(), dk_s.zero_()
+    if not (L * B * H and T):
+        return dq_s.zero_(), dk_s.zero_()
+    for part, (a_s, b_s, a_t, b_t, out) in (("dq", (q_s, k_s, q_t, k_t, dq_s)),
+                                            ("dk", (k_s, q_s, k_t, q_t, dk_s))):
+        launch(_score_mse_bwd_kernel, _qk_config(q_s, q_t, probs, part), a_s, b_s, a_t, b_t,
+               valid, grad_loss, denom, lse_s, lse_t, delta, out, B, H, T, d_s, d_t,
+               1 / math.sqrt(d_s), 1 / math.sqrt(d_t))
     return dq_s, dk_s
+
+
+_attention_score_mse_bwd = torch.library.custom_op(
+    "xlmr_mini::attention_score_mse_bwd", _attention_score_mse_bwd_impl, mutates_args=())
 
 
 @_attention_score_mse_bwd.register_fake

@@ -20,11 +20,13 @@ gradient. The saved gradient costs one student-sized tensor until backward.
 
 Dispatch: Triton on CUDA tensors or under TRITON_INTERPRET=1, else `layer_mse_reference`.
 
-Measured on: CPU interpreter only so far (correctness); GPU speed not yet measured.
+Hardware: correctness checked on CPU through the interpreter only. Compiled ahead of time for
+sm_80 (A100) and sm_90 (H100) with Triton 3.9 (`python -m bench.kernels_aot`): at the tiles
+`layer_mse_config` picks, no spills, 6 or more blocks per SM. GPU speed not yet measured.
 """
 import torch
 
-from ._dispatch import tl, triton, use_triton, next_power_of_2
+from ._dispatch import LaunchConfig, cdiv, launch, next_power_of_2, tl, triton, use_triton
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,25 +81,37 @@ def _check(student, teacher, mask):
                          f"got {tuple(mask.shape)}")
 
 
-@torch.library.custom_op("xlmr_mini::layer_mse_fwd", mutates_args=())
-def _layer_mse_fwd(student: torch.Tensor, teacher: torch.Tensor,
-                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_mse_config(L: int, N: int, D: int, dtype: torch.dtype) -> LaunchConfig:
+    """Launch config for L layers of N tokens of width D (pure: the AOT report calls it too)."""
+    # 2,048-element tiles (16 per thread at 4 warps) at most 256 wide: 72-76 registers in fp32,
+    # 6-7 blocks per SM on sm_80 / sm_90, no spills (4,096-element 4 x 1,024 tiles needed ~100
+    # and left a quarter of each row masked at D = 768). See `python -m bench.kernels_aot`.
+    block_d = min(next_power_of_2(D), 256)
+    block_n = 2048 // block_d
+    return LaunchConfig(grid=(L, cdiv(N, block_n)), num_warps=4, num_stages=3,
+                        constexprs=dict(BLOCK_N=block_n, BLOCK_D=block_d))
+
+
+def _layer_mse_fwd_impl(student: torch.Tensor, teacher: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss [L] fp32, d loss / d student [L, B, T, D] in the student's dtype)."""
     _check(student, teacher, mask)
     L, B, T, D = student.shape
     student, teacher = student.contiguous(), teacher.contiguous()
     valid = mask.reshape(-1).to(torch.int32).contiguous()
-    N = B * T
-    block_d = min(next_power_of_2(D), 1024)
-    block_n = max(1, 4096 // block_d)
-    n_blocks = triton.cdiv(N, block_n) if N else 0
+    config = layer_mse_config(L, B * T, D, student.dtype)
+    n_blocks = config.grid[1]
     grad = torch.empty_like(student)
     partial = torch.zeros(L, max(n_blocks, 1), dtype=torch.float32, device=student.device)
     denom = (valid.sum().clamp(min=1) * D).to(torch.float32).reshape(1)
     if L and n_blocks:
-        _layer_mse_kernel[(L, n_blocks)](student, teacher, valid, grad, partial, denom, N, D,
-                                         n_blocks, BLOCK_N=block_n, BLOCK_D=block_d)
+        launch(_layer_mse_kernel, config, student, teacher, valid, grad, partial, denom, B * T, D,
+               n_blocks)
     return partial.sum(dim=1) / denom, grad
+
+
+_layer_mse_fwd = torch.library.custom_op("xlmr_mini::layer_mse_fwd", _layer_mse_fwd_impl,
+                                         mutates_args=())
 
 
 @_layer_mse_fwd.register_fake

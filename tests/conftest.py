@@ -2,14 +2,17 @@
 import os
 from pathlib import Path
 
-# Triton kernels run on CPU tensors through the interpreter in tests; set before triton imports.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
+import importlib.util
+import sys
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without CUDA, the Triton kernels run on CPU tensors through Triton's interpreter; with CUDA the
+# tests run the compiled kernels. Set before triton is imported (it reads the switch at import).
+# `is_available` asks the driver without creating a CUDA context.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -1,21 +1,21 @@
 """Fused KD-loss kernels against their references: values, gradients, bf16 error, determinism,
 the CPU fallback, and a torch.compile'd train step.
 
-On CPU the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1, set here and in
-conftest.py before triton is imported); on a CUDA machine the same tests run the compiled kernels
-when the tensors are moved there (DEVICE below).
+Without CUDA the Triton kernels run through Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1 before triton is imported, only when CUDA is absent); on a CUDA machine the same
+tests run the compiled kernels on tensors moved there (DEVICE below).
 """
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch._inductor.utils import run_and_get_code  # noqa: E402
-
-from xlmr_mini.kernels import _dispatch  # noqa: E402
-from xlmr_mini.kernels.attention_kd import (  # noqa: E402
+from xlmr_mini.kernels import _dispatch
+from xlmr_mini.kernels.attention_kd import (
+    AttentionMapMSEFunction,
+    AttentionScoreMSEFunction,
+    _attention_score_mse_fwd_impl,
     attention_map_mse,
     attention_map_mse_reference,
     attention_prob_mse,
@@ -24,7 +24,7 @@ from xlmr_mini.kernels.attention_kd import (  # noqa: E402
     attention_score_mse_reference,
     attention_scores,
 )
-from xlmr_mini.kernels.layer_mse import layer_mse, layer_mse_reference  # noqa: E402
+from xlmr_mini.kernels.layer_mse import LayerMSEFunction, layer_mse, layer_mse_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
@@ -47,10 +47,22 @@ def _assert_close(actual, expected, tol=FP32_TOL):
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol)
 
 
+# Each alias and the autograd Function its kernel path runs through.
+KERNEL_PATHS = {layer_mse: LayerMSEFunction, attention_map_mse: AttentionMapMSEFunction,
+                attention_score_mse: AttentionScoreMSEFunction,
+                attention_prob_mse: AttentionScoreMSEFunction}
+
+
 def _loss_and_grads(fn, leaves, consts, mask, g, **kw):
-    """Run fn(*leaves, *consts, mask), backprop sum(loss * g); return (loss, grads of leaves)."""
+    """Run fn(*leaves, *consts, mask), backprop sum(loss * g); return (loss, grads of leaves).
+
+    For a kernel alias, first assert that its kernel ran: an alias that fell back to its
+    reference would otherwise be compared with that same reference and pass."""
     leaves = [x.detach().clone().requires_grad_() for x in leaves]
     loss = fn(*leaves, *consts, mask, **kw)
+    if fn in KERNEL_PATHS:
+        expected = KERNEL_PATHS[fn].__name__ + "Backward"
+        assert loss.grad_fn.name() == expected, (fn.__name__, loss.grad_fn.name())
     loss.backward(g)
     return loss.detach(), [x.grad for x in leaves]
 
@@ -300,6 +312,18 @@ def test_reference_fallback_without_interpreter(monkeypatch):
     a_s, a_t, mask_a = _map_inputs(1, [6, 3], 2, 6)
     torch.testing.assert_close(attention_map_mse(a_s, a_t, mask_a),
                                attention_map_mse_reference(a_s, a_t, mask_a), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_bf16_dot_upcast_follows_the_interpreter_not_the_device(monkeypatch, interpret):
+    """bf16 operands are upcast before tl.dot under the interpreter (CPU or CUDA tensors alike:
+    its bf16 dot is broken), never in a compiled kernel. Meta tensors stand in for CUDA ones."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    q = torch.empty(1, 2, 3, 8, 16, dtype=torch.bfloat16, device="meta")
+    mask = torch.ones(2, 8, dtype=torch.bool, device="meta")
+    with _dispatch.record_launches() as launches:
+        _attention_score_mse_fwd_impl(q, q, q, q, mask, True)
+    assert [x.config.constexprs["UPCAST"] for x in launches] == [interpret == "1"]
 
 
 @needs_triton
