@@ -1,12 +1,11 @@
 """Shared fixtures: tiny random XLM-R checkpoints built with transformers (no downloads)."""
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-import importlib.util
-import sys
 
 # Without CUDA, the Triton kernels run on CPU tensors through Triton's interpreter; with CUDA the
 # tests run the compiled kernels. Set before triton is imported (it reads the switch at import).
