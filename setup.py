@@ -26,5 +26,6 @@ setup(
         "numpy>=1.24",
     ],
     # setuptools: tests build and install the package itself (tests/test_install.py).
-    extras_require={"test": ["pytest>=7", "transformers>=4.45", "setuptools>=70.1"]},
+    extras_require={"test": ["pytest>=7", "transformers>=4.45", "setuptools>=70.1", "matplotlib>=3.5"],
+                    "plot": ["matplotlib>=3.5"]},
 )

@@ -12,8 +12,10 @@ Module map. Three layers; a module imports only from its own layer or the layers
   split), `kd_step` (one KD optimizer step), `progress` (the progress bar).
 - applications: `train` (the CLI and the loop) with its parts `train_config` (flags),
   `run_setup` (data, models, step context), `run_dir` (checkpoints, metrics.jsonl, out-dir
-  claims), `results` (scores and summaries) and `demo_models` (the demo's teacher); `evaluate`,
-  `check`, and the benchmarks in `bench/`.
+  claims), `results` (scores and summaries) and `demo_models` (the demo's teacher and base);
+  `evaluate`, `check`; `study` (the paper's tables and figures in one command) with
+  `study_plan` (which runs), `study_estimate` (step rates) and `study_report` (tables, figures);
+  and the benchmarks in `bench/`.
 
 `kernels/` and `data/` sit at the top of the source tree and install as `xlmr_mini.kernels` and
 `xlmr_mini.data` (setup.py's package_dir; an editable install maps them the same way).
@@ -23,5 +25,5 @@ LAYERS = {
     "core": ("config", "model", "checkpoint", "tokenizer", "errors", "files", "hardware"),
     "library": ("copy_weights", "kd_loss", "kernels", "data", "metrics", "inference", "kd_step", "progress"),
     "application": ("train", "train_config", "run_setup", "run_dir", "results", "demo_models", "evaluate", "check",
-                    "bench"),
+                    "study", "study_plan", "study_estimate", "study_report", "bench"),
 }

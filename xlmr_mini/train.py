@@ -23,8 +23,8 @@ import torch
 
 from xlmr_mini.checkpoint import save_model
 from xlmr_mini.config import XLMRConfig
-from xlmr_mini.data import epoch_batches
-from xlmr_mini.demo_models import demo_teacher
+from xlmr_mini.data import epoch_batches, load_task
+from xlmr_mini.demo_models import demo_architecture, demo_teacher
 from xlmr_mini.errors import cli_main
 from xlmr_mini.hardware import resolve_device
 from xlmr_mini.inference import evaluate
@@ -125,11 +125,14 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False)
 def _train(cfg: TrainConfig, arch: XLMRConfig | None, quiet: bool) -> dict:
     device = resolve_device(cfg.device)
     teacher = None
-    if cfg.is_demo and cfg.teacher is None and arch is None:
+    needs_teacher = cfg.init == "from-teacher" or not cfg.no_kd
+    if cfg.is_demo and cfg.teacher is None and arch is None and needs_teacher:
         if not quiet:
             print(demo_banner())
         check_inputs(cfg)
         teacher = demo_teacher(cfg, train)
+    elif cfg.is_demo and arch is None and cfg.teacher is None and cfg.base is None:
+        arch = demo_architecture(load_task("demo", cache_dir=cfg.cache_dir))  # from-scratch takes its sizes
     setup = prepare(cfg, teacher_dir=teacher, arch=arch)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     claim_out(cfg, out)

@@ -1,0 +1,277 @@
+"""Reproduce the paper's tables and figures in one command: teachers, students, evaluation, report.
+
+    python -m xlmr_mini.study all --data demo                        # every plan on the demo, minutes
+    python -m xlmr_mini.study table2 --data tsm:PATH --base xlm-roberta-base/ --out runs/study
+    python -m xlmr_mini.study all --data massive:PATH --base XLMR --emit-commands cmds.txt
+
+PLAN is one of table2 table3 table4 table5 figure2 figure3, or all. Every run is an ordinary
+`python -m xlmr_mini.train` command (`study_plan` says which ones), kept in `--out/runs/` under a
+name that carries a hash of its configuration: a finished run is reused by every plan and every
+later command that needs it, an interrupted one resumes from its checkpoint (kill -9 at any
+moment and the rerun ends with the same numbers). Then `study_report` writes PLAN.md, PLAN.csv
+and the figures into --out.
+
+On real data the runs use the paper's settings (batch 8, its evaluation steps per section, 30
+epochs, seeds 1 2 3); `--epochs`, `--max-steps`, `--batch-size`, ... override them for quicker
+studies and are written into every output. The demo has its own small pretrained base (a short
+masked-LM pretraining on its text) and shorter schedules.
+"""
+import argparse
+import math
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import torch
+
+from xlmr_mini.config import XLMRConfig
+from xlmr_mini.data import load_task, select_languages, stratified_subset
+from xlmr_mini.demo_models import demo_base
+from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
+from xlmr_mini.evaluate import main as evaluate_main
+from xlmr_mini.progress import clock
+from xlmr_mini.study_estimate import measure_step_seconds
+from xlmr_mini.study_plan import PLANS, Planner, Run, StudySettings, plan_runs, train_config
+from xlmr_mini.study_report import Results, build_tables, draw_figures, majority_score, write_plan
+from xlmr_mini.train import train
+
+# The demo's schedules: teachers fine-tune the pretrained demo base, students distil in a few epochs.
+DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, 4
+OVERRIDES = ("epochs", "max_steps", "batch_size", "eval_steps", "lr", "max_length", "device", "num_threads",
+             "cache_dir")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(prog="python -m xlmr_mini.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("plan", choices=PLANS + ("all",), help="which table or figure of the paper (or all)")
+    p.add_argument("--data", default="demo", help="massive:PATH, tsm:PATH or demo (default: demo)")
+    p.add_argument("--base", help="pretrained base HF directory, e.g. xlm-roberta-base (the demo has its own)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="student seeds (default: 1 2 3, the paper's)")
+    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory (default: runs/study)")
+    p.add_argument("--jobs", type=int, help="runs at once, one GPU each when there are GPUs (default: the number of "
+                   "GPUs; without: 1, or one per CPU core for the demo, whose runs use one thread each)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs with a time estimate; train nothing")
+    p.add_argument("--emit-commands", type=Path, help="write the runs as shell commands in dependency stages and stop")
+    for name in OVERRIDES:
+        kind = int if name in ("epochs", "max_steps", "batch_size", "eval_steps", "max_length", "num_threads") else \
+            float if name == "lr" else str
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"passed to every run's --{name.replace('_', '-')}")
+    return p
+
+
+def settings_from(args) -> tuple[StudySettings, XLMRConfig]:
+    kind = args.data.split(":", 1)[0]
+    if args.jobs is None:
+        gpus = torch.cuda.device_count()
+        args.jobs = gpus or (min(4, os.cpu_count() or 1) if kind == "demo" else 1)
+    if args.jobs < 1:
+        raise InputError(f"--jobs {args.jobs}: must be at least 1")
+    if kind not in ("demo", "massive", "tsm"):
+        raise InputError(f"--data {args.data}: the study reproduces the paper on massive:PATH or tsm:PATH (or demo)")
+    base = args.base
+    if base is None:
+        if kind != "demo":
+            raise InputError("--base: give the pretrained base directory (e.g. xlm-roberta-base); only the demo has its own")
+        base = str(demo_base(args.cache_dir))
+    base_cfg = XLMRConfig.from_hf(base)
+    overrides = {name.replace("_", "-"): getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    shortened = "epochs" in overrides or "max-steps" in overrides
+    if kind == "demo":
+        overrides.setdefault("epochs", DEMO_STUDENT_EPOCHS)
+        overrides.setdefault("num-threads", 1)
+    s = StudySettings(data=args.data, base=str(Path(base).resolve()), seeds=tuple(args.seeds), out=args.out.resolve(),
+                      overrides=tuple(overrides.items()),
+                      teacher_epochs=DEMO_TEACHER_EPOCHS if kind == "demo" and not shortened else None)
+    return s, base_cfg
+
+
+def settings_text(s: StudySettings, base_cfg: XLMRConfig) -> str:
+    given = ", ".join(f"--{k} {v}" for k, v in s.overrides) or "none"
+    return (f"- data: `{s.data}`; base: `{s.base}` ({base_cfg.num_hidden_layers} layers x {base_cfg.hidden_size})\n"
+            f"- seeds: {' '.join(map(str, s.seeds))} (teachers: seed {s.seeds[0]})\n"
+            f"- every run's flags are in its run.json under `runs/`; study overrides: {given}\n"
+            + ("- real data: the paper's settings (batch 8, §3.1's evaluation steps, 30 epochs) unless overridden\n"
+               if not s.is_demo else f"- demo: teachers {s.teacher_epochs} epochs, students {DEMO_STUDENT_EPOCHS}\n"
+               if s.teacher_epochs else "- demo: teachers and students as the overrides say\n"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+def run_one(run: Run, out: Path) -> None:
+    """Train (or evaluate) one run into `out`; a finished run returns at once."""
+    if run.tool == "train":
+        train(train_config(run, out), quiet=True)
+    elif not (out / "scores.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        evaluate_main(run.argv + ["--json", str(out / "scores.json")])
+
+
+def _finished(planner: Planner, run: Run) -> bool:
+    return (planner.path(run) / ("results.json" if run.tool == "train" else "scores.json")).is_file()
+
+
+def _init_worker(devices) -> None:
+    """Each worker process sees one GPU (round robin), or shares the CPU's cores evenly."""
+    device = devices.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+
+
+def execute(runs: dict[str, Run], planner: Planner, jobs: int, estimate) -> None:
+    """Run what is not finished, a run only after the runs it needs; one progress line each."""
+    todo = {k: r for k, r in runs.items() if not _finished(planner, r)}
+    print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run")
+    if not todo:
+        return
+    total_est = sum(estimate(r) for r in todo.values())
+    started, done_est, done = time.time(), 0.0, set(k for k in runs if k not in todo)
+    pool, futures = _pool(jobs), {}
+    try:
+        while todo or futures:
+            ready = [k for k, r in todo.items() if all(a in done for a in r.after)]
+            for key in ready[: max(0, jobs - len(futures))] if pool else ready[:1]:
+                run = todo.pop(key)
+                if pool:
+                    futures[pool.submit(run_one, run, planner.path(run))] = (key, run, time.time())
+                else:
+                    t0 = time.time()
+                    run_one(run, planner.path(run))
+                    futures[None] = (key, run, t0)
+            finished = [None] if not pool else wait(futures, return_when=FIRST_COMPLETED).done
+            for fut in finished:
+                key, run, t0 = futures.pop(fut)
+                if fut is not None:
+                    fut.result()
+                done.add(key)
+                done_est += estimate(run)
+                rate = (time.time() - started) / max(done_est, 1e-9)
+                eta = rate * (total_est - done_est)
+                print(f"[{len(done)}/{len(runs)}] {run.dir_name} ({', '.join(sorted(run.plans))}): "
+                      f"{time.time() - t0:.0f}s; ETA {clock(eta)}", flush=True)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
+def _pool(jobs: int):
+    if jobs == 1:
+        return None
+    ctx = multiprocessing.get_context("spawn")
+    devices = ctx.Manager().Queue()
+    gpus = torch.cuda.device_count()
+    for i in range(jobs):
+        devices.put(i % gpus if gpus else None)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates, listings, commands
+# ---------------------------------------------------------------------------------------------
+def step_counter(s: StudySettings):
+    """run -> the number of optimizer steps it will take (from the data's sizes and its flags)."""
+    task = load_task(s.data, cache_dir=dict(s.overrides).get("cache-dir"))
+    sizes: dict[tuple, int] = {}
+
+    def steps(run: Run) -> int:
+        if run.tool != "train":
+            return 0
+        cfg = train_config(run, Path("x"))
+        if cfg.max_steps:
+            return cfg.max_steps
+        key = (cfg.train_langs, cfg.subset)
+        if key not in sizes:
+            sizes[key] = len(stratified_subset(select_languages(task.splits["train"], cfg.train_langs, task),
+                                               cfg.subset, seed=0).labels)
+        return (cfg.epochs or 30) * math.ceil(sizes[key] / cfg.batch_size)
+
+    return steps
+
+
+def list_runs(runs: dict[str, Run], planner: Planner, steps, seconds_per_step) -> None:
+    total = 0.0
+    for run in runs.values():
+        secs = 0.0 if _finished(planner, run) else steps(run) * seconds_per_step(run)
+        total += secs
+        state = "done" if _finished(planner, run) else f"~{clock(secs)}"
+        print(f"{run.dir_name:<58} {state:>9}  {run.tool} ({', '.join(sorted(run.plans))})")
+    print(f"{len(runs)} runs; estimated time for the rest on this machine: {clock(total)} "
+          f"(from measured step rates; one run at a time)")
+
+
+def emit_commands(runs: dict[str, Run], planner: Planner, path: Path) -> None:
+    """The runs as shell commands, stage by stage: each stage needs only the stages before it."""
+    stages: list[list[Run]] = []
+    placed: dict[str, int] = {}
+    for key, run in runs.items():
+        stage = 1 + max((placed[a] for a in run.after), default=-1)
+        placed[key] = stage
+        while len(stages) <= stage:
+            stages.append([])
+        stages[stage].append(run)
+    lines = ["# xlmr_mini study: one command per line; run each stage's lines in any order or in parallel,",
+             "# a stage only after the one before it has finished. Then rerun the study command to write the tables."]
+    for i, stage in enumerate(stages, 1):
+        lines.append(f"# stage {i}: {len(stage)} runs")
+        for run in stage:
+            out = planner.path(run)
+            extra = ["--out", str(out), "--resume"] if run.tool == "train" else ["--json", str(out / "scores.json")]
+            lines.append(" ".join([sys.executable, "-m", f"xlmr_mini.{run.tool}", *map(_quote, run.argv + extra)]))
+    from xlmr_mini.files import atomic_write
+
+    atomic_write(path, "\n".join(lines) + "\n")
+    print(f"wrote {sum(map(len, stages))} commands in {len(stages)} stages to {path}")
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+@cli_main
+def main(argv=None) -> list[Path]:
+    args = _parser().parse_args(argv)
+    s, base_cfg = settings_from(args)
+    plans = list(PLANS) if args.plan == "all" else [args.plan]
+    planner = Planner(s, base_cfg.num_hidden_layers, base_cfg.hidden_size)
+    runs = plan_runs(plans, planner)
+    if args.emit_commands:
+        emit_commands(runs, planner, args.emit_commands)
+        return []
+    steps = step_counter(s)
+    if args.dry_run:
+        list_runs(runs, planner, steps, measure_step_seconds(s, base_cfg))
+        return []
+    rates = measure_step_seconds(s, base_cfg) if any(not _finished(planner, r) for r in runs.values()) else None
+    execute(runs, planner, args.jobs, (lambda r: steps(r) * rates(r)) if rates else (lambda r: 1.0))
+    return report(plans, runs, planner, s, base_cfg)
+
+
+def report(plans: list[str], runs: dict[str, Run], planner: Planner, s: StudySettings, base_cfg) -> list[Path]:
+    res = Results(runs, planner)
+    task = load_task(s.data, cache_dir=dict(s.overrides).get("cache-dir"))
+    from xlmr_mini.inference import final_split
+
+    reported = final_split(task)[0]
+    written = []
+    for plan in plans:
+        majority = majority_score(s.data, dict(s.overrides).get("cache-dir")) if plan == "table5" else None
+        written.append(write_plan(plan, build_tables(plan, res, s.kind), res, s.out, settings_text(s, base_cfg),
+                                  s.kind, reported, majority))
+    figures = draw_figures(plans, res, s.out)
+    wanted = [p for p in plans if p.startswith("figure")]
+    print("study: wrote " + ", ".join(str(p) for p in written + figures))
+    if wanted and not figures:
+        print("study: figures need matplotlib: pip install -e \".[plot]\" (the tables above hold their numbers)")
+    return written + figures
+
+
+if __name__ == "__main__":
+    main()

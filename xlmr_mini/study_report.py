@@ -1,0 +1,287 @@
+"""The study's outputs: per plan a Markdown table in the paper's layout (`PLAN.md`, micro-F1 then
+macro-F1, mean ± std over seeds, the paper's published number beside ours) and one CSV row per
+run and seed (`PLAN.csv`); Figures 2 and 3 as PNG when matplotlib is installed.
+
+Scores come from each run's results.json (the best-on-dev checkpoint on the reported split:
+test, else dev, which the tables then say). Tables 3 and 4 score the unseen languages, pooled.
+"""
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from xlmr_mini.copy_weights import INITS
+from xlmr_mini.data import load_task, select_languages
+from xlmr_mini.files import atomic_write
+from xlmr_mini.inference import final_split
+from xlmr_mini.metrics import micro_f1
+from xlmr_mini.study_plan import PAPER, SUBSETS, Planner, Run
+
+METRICS = (("micro_f1", "micro-F1 (the paper's F1)"), ("macro_f1", "macro-F1"))
+CSV_FIELDS = ("plan", "row", "column", "seed", "micro_f1", "macro_f1", "scored_on", "reported_split", "run")
+
+
+class _Any:
+    """Flag value wildcard: the flag is present with any value."""
+
+
+_any = _Any()
+
+
+class Results:
+    """Scores of finished runs, looked up by the run's flags."""
+
+    def __init__(self, runs: dict[str, Run], planner: Planner):
+        self.planner, self.runs = planner, list(runs.values())
+
+    def load(self, run: Run) -> dict | None:
+        path = self.planner.path(run) / ("results.json" if run.tool == "train" else "scores.json")
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def find(self, plan: str, tool: str = "train", **flags) -> list[Run]:
+        """The `tool` runs of `plan` whose argv holds every flag=value given (None: flag absent)."""
+        def has(run, flag, value):
+            argv = run.argv
+            if value is None:
+                return f"--{flag}" not in argv
+            if value is True or isinstance(value, _Any):
+                return f"--{flag}" in argv
+            return f"--{flag}" in argv and argv[argv.index(f"--{flag}") + 1] == str(value)
+
+        return [r for r in self.runs if plan in r.plans and r.tool == tool
+                and all(has(r, f.replace("_", "-"), v) for f, v in flags.items())]
+
+
+def _score(result: dict, part: str, metric: str) -> float | None:
+    scores = result.get("final", result)
+    row = scores.get(part) if part != "overall" else scores["overall"]
+    return None if row is None else row[metric]
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "—"
+    v = 100 * np.asarray(values)
+    return f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if v.size > 1 else "") + ("" if v.size > 1 else " (1 seed)")
+
+
+class Table:
+    """Rows x columns of seed lists, rendered per metric, plus CSV records."""
+
+    def __init__(self, plan: str, title: str, columns: list[str], part: str):
+        self.plan, self.title, self.columns, self.part = plan, title, columns, part
+        self.rows: list[tuple[str, dict[str, list[tuple[Run, dict]]], dict[str, float | None]]] = []
+        self.extra_rows: list[tuple[str, dict[str, float], dict[str, float | None]]] = []
+
+    def add(self, label: str, cells: dict[str, list[tuple[Run, dict]]], paper: dict[str, float | None]):
+        self.rows.append((label, cells, paper))
+
+    def add_value(self, label: str, values: dict[str, float], paper: dict[str, float | None]):
+        self.extra_rows.append((label, values, paper))
+
+    def markdown(self, metric: str, metric_name: str, dataset_known: bool) -> str:
+        head = ["row"] + [f"{c} (ours)" for c in self.columns]
+        head += [f"{c} (paper)" for c in self.columns] if dataset_known else []
+        lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
+        for label, cells, paper in self.rows:
+            ours = [_cell([v for _, r in cells.get(c, []) if (v := _score(r, self.part, metric)) is not None])
+                    for c in self.columns]
+            lines.append(self._line(label, ours, paper, dataset_known, metric))
+        for label, values, paper in self.extra_rows:
+            ours = [_cell([values[c]]).replace(" (1 seed)", "") if c in values else "—" for c in self.columns]
+            lines.append(self._line(label, ours, paper, dataset_known, metric))
+        return "\n".join([f"{metric_name}:", ""] + lines)
+
+    def _line(self, label, ours, paper, dataset_known, metric) -> str:
+        ref = [f"{paper[c]:.2f}" if paper.get(c) is not None and metric == "micro_f1" else "—" for c in self.columns]
+        return f"| {' | '.join([label] + ours + (ref if dataset_known else []))} |"
+
+    def records(self) -> list[dict]:
+        out = []
+        for label, cells, _ in self.rows:
+            for column in self.columns:
+                for run, r in cells.get(column, []):
+                    out.append({"plan": self.plan, "row": label, "column": column, "seed": r.get("seed", ""),
+                                "micro_f1": _score(r, self.part, "micro_f1"), "macro_f1": _score(r, self.part, "macro_f1"),
+                                "scored_on": self.part, "reported_split": r.get("reported_split", r.get("split")),
+                                "run": run.dir_name})
+        return out
+
+
+def _finished(res: Results, runs: list[Run]) -> list[tuple[Run, dict]]:
+    return [(run, r) for run in runs if (r := res.load(run)) is not None]
+
+
+def build_tables(plan: str, res: Results, data_kind: str) -> list[Table]:
+    """The tables of one plan (figures have one table of the numbers they plot)."""
+    full, half = res.planner.base_hidden, res.planner.base_hidden // 2
+    layers = max(1, res.planner.base_layers // 2)
+    if plan == "table2":
+        t = Table(plan, "Table 2: three initializations, with (KD) and without (NON-KD) distillation; all languages",
+                  ["NON-KD", "KD"], "overall")
+        paper = PAPER["table2"]
+        t.add(f"from-base (Teacher), {res.planner.base_layers}L/{full}",
+              {"NON-KD": _finished(res, res.find(plan, init="from-base", base=res.planner.s.base, teacher=None))},
+              _paper_cols(paper.get(("teacher", 12, 768), {}), data_kind))
+        for hidden in (None, half):
+            for init in INITS:
+                width = hidden or full
+                cells = {col: _finished(res, res.find(plan, init=init, hidden=hidden, no_kd=(col == "NON-KD") or None,
+                                                      teacher=_any))
+                         for col in ("NON-KD", "KD")}
+                ref = paper.get((init, 6, 768 if hidden is None else 384), {})
+                t.add(f"{init}, {layers}L/{width}", cells, _paper_cols(ref, data_kind))
+        return [t]
+    if plan == "table3":
+        t = Table(plan, "Table 3: zero-shot; teacher on the seen languages; scored on the unseen languages",
+                  ["NON-KD", "KD"], "unseen")
+        t.add("from-base (Teacher), seen lang", {"NON-KD": _finished(res, res.find(plan, teacher=None))},
+              _paper_cols(PAPER["table3"][("teacher", "seen")], data_kind))
+        for langs in ("seen", "english"):
+            for init in INITS:
+                cells = {col: _finished(res, res.find(plan, init=init, train_langs=langs, teacher=_any,
+                                                      no_kd=(col == "NON-KD") or None)) for col in ("NON-KD", "KD")}
+                t.add(f"{init}, trained on {langs} lang", cells, _paper_cols(PAPER["table3"][(init, langs)], data_kind))
+        return [t]
+    if plan == "table4":
+        t = Table(plan, "Table 4: teacher and students trained on English only, with KD; scored on the unseen languages",
+                  ["F1"], "unseen")
+        t.add("from-base (Teacher)", {"F1": _finished(res, res.find(plan, teacher=None))},
+              {"F1": PAPER["table4"]["teacher"].get(data_kind)})
+        for init in INITS:
+            t.add(init, {"F1": _finished(res, res.find(plan, init=init, teacher=_any))},
+                  {"F1": PAPER["table4"][init].get(data_kind)})
+        return [t]
+    if plan == "table5":
+        t = Table(plan, "Table 5: the half-layer student copied from the teacher, with and without fine-tuning",
+                  ["F1"], "overall")
+        ref = PAPER["table5"]
+        t.add("With Finetune", {"F1": _finished(res, res.find(plan, init="from-teacher", no_kd=None, teacher=_any))},
+              {"F1": ref["with finetune"].get(data_kind)})
+        t.add("Without Finetune", {"F1": _finished(res, res.find(plan, tool="evaluate"))}, {"F1": ref["without finetune"].get(data_kind)})
+        t.majority_row = True
+        return [t]
+    if plan in ("figure2", "figure3"):
+        t = Table(plan, f"{'Figure 2' if plan == 'figure2' else 'Figure 3'}: KD students on stratified subsets of the "
+                  "training data (all languages)", [f"{s:g}" for s in SUBSETS], "overall")
+        for init in INITS:
+            cells = {f"{s:g}": _finished(res, res.find(plan, init=init, teacher=_any, subset=s if s < 1 else None))
+                     for s in SUBSETS}
+            t.add(init, cells, {})
+        return [t]
+    raise ValueError(plan)
+
+
+def _paper_cols(ref: dict, data_kind: str) -> dict[str, float | None]:
+    return {"NON-KD": ref.get((data_kind, False)), "KD": ref.get((data_kind, True))}
+
+
+def majority_score(data: str, cache_dir, part: str = "overall") -> dict[str, float]:
+    """The paper's "random score": every prediction the training data's majority class, scored on
+    the reported split (micro-F1; macro-F1 beside it)."""
+    from xlmr_mini.metrics import macro_f1
+
+    task = load_task(data, cache_dir=cache_dir)
+    majority = int(np.bincount(task.splits["train"].labels).argmax())
+    split = task.splits[final_split(task)[0]]
+    if part == "unseen":
+        split = select_languages(split, "unseen", task)
+    gold = split.labels
+    pred = np.full_like(gold, majority)
+    return {"micro_f1": micro_f1(gold, pred), "macro_f1": macro_f1(gold, pred)}
+
+
+def write_plan(plan: str, tables: list[Table], res: Results, out: Path, settings_text: str, data_kind: str,
+               reported_split: str, majority: dict | None = None) -> Path:
+    """PLAN.md and PLAN.csv in `out`; returns the Markdown path."""
+    known = data_kind in ("massive", "tsm")
+    parts = []
+    for t in tables:
+        parts.append(f"## {t.title}")
+        for metric, name in METRICS:
+            md = t.markdown(metric, name, known)
+            if majority is not None:
+                md += f"\n| Random Score (majority class) | {100 * majority[metric]:.2f}" + (
+                    f" | {PAPER['table5']['random score'].get(data_kind, float('nan')):.2f} |"
+                    if known and metric == "micro_f1" else (" | — |" if known else " |"))
+            parts.append(md)
+    note = (f"Scores are on the {reported_split} split"
+            + (" (the data has no test split: dev also selected the checkpoints, so they are optimistic)"
+               if reported_split == "dev" else "") + ".")
+    paper_note = ("The paper's numbers (micro-F1, %) are from its tables, for reference; they were measured on the "
+                  f"full {data_kind} data with xlm-roberta-base." if known else
+                  "No published numbers to compare with for this data.")
+    text = "\n\n".join([f"# {plan}", note, paper_note, *parts, "## Settings", settings_text]) + "\n"
+    atomic_write(out / f"{plan}.md", text)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for t in tables:
+        writer.writerows(t.records())
+    atomic_write(out / f"{plan}.csv", buf.getvalue())
+    return out / f"{plan}.md"
+
+
+def losses_per_step(res: Results, runs: list[Run]) -> np.ndarray | None:
+    """The training loss at every step, mean over the finished seeds (None when none finished)."""
+    curves = []
+    for run in runs:
+        path = res.planner.path(run) / "metrics.jsonl"
+        if res.load(run) is None or not path.is_file():
+            continue
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        curves.append([r["loss"] for r in records if r.get("type") == "train"])
+    if not curves:
+        return None
+    n = min(map(len, curves))
+    return np.mean([c[:n] for c in curves], axis=0)
+
+
+def draw_figures(plans: list[str], res: Results, out: Path) -> list[Path]:
+    """figure2.png (F1 vs training fraction, error bars over seeds) and figure3.png (training loss
+    per step, a panel per subset); [] when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    if "figure2" in plans:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for init in INITS:
+            xs, means, stds = [], [], []
+            for s in SUBSETS:
+                vals = [_score(r, "overall", "micro_f1") for _, r in
+                        _finished(res, res.find("figure2", init=init, teacher=_any, subset=s if s < 1 else None))]
+                if vals:
+                    xs.append(100 * s), means.append(100 * np.mean(vals))
+                    stds.append(100 * np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=init)
+        ax.set_xscale("log")
+        ax.set_xticks([100 * s for s in SUBSETS], [f"{100 * s:g}%" for s in SUBSETS])
+        ax.set(xlabel="training data", ylabel="micro-F1 (%)", title="Figure 2: F1 vs data size (KD students)")
+        ax.legend()
+        written.append(_save(fig, out / "figure2.png", plt))
+    if "figure3" in plans:
+        fig, axes = plt.subplots(1, len(SUBSETS), figsize=(3.2 * len(SUBSETS), 3.2), sharey=True)
+        for ax, s in zip(axes, SUBSETS):
+            for init in INITS:
+                curve = losses_per_step(res, res.find("figure3", init=init, teacher=_any, subset=s if s < 1 else None))
+                if curve is not None:
+                    ax.plot(np.arange(1, len(curve) + 1), curve, label=init, linewidth=1)
+            ax.set(title=f"{100 * s:g}% of the data", xlabel="step")
+        axes[0].set_ylabel("training loss (KD + CE)")
+        axes[0].legend()
+        fig.suptitle("Figure 3: training loss per step")
+        written.append(_save(fig, out / "figure3.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
