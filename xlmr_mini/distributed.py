@@ -87,12 +87,11 @@ def shutdown() -> None:
 
 def wrap(module: torch.nn.Module) -> torch.nn.Module | None:
     """`module` under DistributedDataParallel, or None on one process. Inputs are already on the
-    module's device (no device_ids: DDP moves nothing); no buffer changes in training, so none
-    are broadcast."""
+    module's device (no device_ids: DDP moves nothing)."""
     if not active():
         return None
     with collective("wrapping the model in DDP"):
-        return torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(module)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -161,22 +160,26 @@ def _looks_distributed(error: BaseException) -> bool:
 
 
 def shard_batch(batch: dict) -> tuple[dict, bool]:
-    """(this rank's rows of a global batch, whether they are real). Rows sorted by length are dealt
-    out in a snake order (0 1 1 0 0 1 ...), so the ranks' token counts differ by less than one
-    longest row. A rank left with no row (a last batch smaller than the world) gets the batch's
-    first row to run on, marked not real: its loss is scaled by 0 and it counts nothing."""
-    world = world_size()
-    if world == 1:
+    """(this rank's rows of a global batch, whether they are real): the rows `share_rows` gives
+    it. A rank left with no row (a last batch smaller than the world) gets the batch's first row to
+    run on, marked not real: it counts for nothing (`kd_step.train_step`)."""
+    if world_size() == 1:
         return batch, True
-    lengths = batch["attention_mask"].sum(dim=1)
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()
-    mine = [row for i, row in enumerate(order) if _snake(i, world) == rank()]
-    real = bool(mine)
-    rows = sorted(mine) if real else [0]
+    rows = share_rows(batch["attention_mask"].sum(dim=1).tolist(), rank(), world_size())
+    real = bool(rows)
+    rows = rows or [0]
     index = torch.tensor(rows)
     return {k: v[index] if torch.is_tensor(v) else [v[i] for i in rows] for k, v in batch.items()}, real
 
 
-def _snake(i: int, world: int) -> int:
-    turn, seat = divmod(i, world)
-    return seat if turn % 2 == 0 else world - 1 - seat
+def share_rows(lengths: list[int], rank: int, world: int) -> list[int]:
+    """The rows (in batch order) that `rank` of `world` takes from a batch with these lengths:
+    sorted longest first and dealt out in a snake order (0 1 1 0 0 1 ...), so the ranks' token
+    counts differ by at most one longest row."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep batch order
+
+    def seat(i: int) -> int:
+        turn, place = divmod(i, world)
+        return place if turn % 2 == 0 else world - 1 - place
+
+    return sorted(row for i, row in enumerate(order) if seat(i) == rank)
