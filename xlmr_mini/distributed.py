@@ -147,7 +147,7 @@ def collective(what: str):
     except (PeerLost, InputError):
         raise
     except Exception as error:
-        if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and _looks_distributed(error))):
+        if not active() or not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and _looks_distributed(error))):
             raise
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise PeerLost(f"rank {rank()} of {world_size()}: {what} with the other ranks failed ({first}); "

@@ -109,7 +109,8 @@ def train_step(ctx: StepContext, batch: dict, device, real: bool = True) -> dict
         backward = total
     else:
         counts = LossCounts.unstack(distributed.all_reduce_sum(LossCounts.of(mask).stack() * int(real)))
-        total, terms = ctx.parallel(loss_fn, *args, counts)
+        with distributed.collective("the forward pass"):  # DDP syncs buffers
+            total, terms = ctx.parallel(loss_fn, *args, counts)
         backward = total * (distributed.world_size() * int(real))
         local = torch.stack([total.detach(), *(v.detach() for v in terms.values())]) * int(real)
         summed = distributed.all_reduce_sum(local)  # the global batch's loss and terms

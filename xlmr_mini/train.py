@@ -19,6 +19,7 @@ metrics.jsonl, out-dir claims), `results` (scores, summaries), `demo_models` (th
 """
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -72,7 +73,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     log = distributed.on_main(metrics_writer, out / "metrics.jsonl", keep_through=prog.step) or MetricsLog(None)
     world = distributed.world_size()
     bar = Progress(total, start=prog.step, label=f"seed {seed}" + (f", {world} processes" if world > 1 else ""),
-                   stream=None if distributed.is_main() else open(os.devnull, "w"))
+                   stream=None if distributed.is_main() else io.StringIO())
     limit = min(total, cfg.stop_after or total)
     try:
         while prog.step < limit:
@@ -139,7 +140,9 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False)
     device, joined = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)  # under torchrun
     main_rank = distributed.is_main()
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")) if not main_rank else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if not main_rank:  # only rank 0 prints
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             return _train(cfg, device, arch, quiet or not main_rank)
     finally:
         torch.set_num_threads(threads)
@@ -172,9 +175,8 @@ def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool) -> di
 
 @cli_main
 def main(argv=None) -> dict:
-    cfg = parse_config(argv)
     try:
-        return train(cfg)
+        return train(parse_config(argv))
     except TrainingError as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         raise SystemExit(1)
