@@ -53,20 +53,25 @@ from ._dispatch import (LaunchConfig, cdiv, interpreting, launch, next_power_of_
 # ---------------------------------------------------------------------------------------------
 # References: the definitions, and what tests and benchmarks compare against.
 # ---------------------------------------------------------------------------------------------
-def _att_denominator(mask: torch.Tensor, heads: int) -> torch.Tensor:
-    n = mask.bool().sum(dim=1)  # [B]
-    return (heads * n.square().sum()).clamp(min=1)
+def _att_denominator(mask: torch.Tensor, heads: int, token_pairs: torch.Tensor | None = None) -> torch.Tensor:
+    if token_pairs is None:
+        n = mask.bool().sum(dim=1)  # [B]
+        token_pairs = n.square().sum()
+    return (heads * token_pairs).clamp(min=1)
 
 
 def attention_map_mse_reference(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor,
-                                upcast: bool = True) -> torch.Tensor:
-    """[L, B, H, T, T] x2, mask [B, T] -> [L]; fp32 if `upcast`, else in the inputs' dtype."""
+                                upcast: bool = True, token_pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """[L, B, H, T, T] x2, mask [B, T] -> [L]; fp32 if `upcast`, else in the inputs' dtype.
+
+    `token_pairs`: sum_b n_b^2 to divide by instead of this batch's, e.g. the global batch's when
+    each data-parallel rank holds a share of it (the result is then the rank's part of the loss)."""
     if upcast:
         a_s, a_t = a_s.float(), a_t.float()
     m = mask.bool()
     valid = (m[:, :, None] & m[:, None, :])[None, :, None]  # [1, B, 1, T, T]
     diff = torch.where(valid, a_s, 0.0) - torch.where(valid, a_t, 0.0)
-    return diff.square().sum(dim=(1, 2, 3, 4)) / _att_denominator(mask, a_s.shape[2])
+    return diff.square().sum(dim=(1, 2, 3, 4)) / _att_denominator(mask, a_s.shape[2], token_pairs)
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, upcast: bool = True) -> torch.Tensor:

@@ -33,13 +33,16 @@ from ._dispatch import LaunchConfig, cdiv, launch, next_power_of_2, tl, triton, 
 # Reference: the definition, and what tests and benchmarks compare against.
 # ---------------------------------------------------------------------------------------------
 def layer_mse_reference(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                        upcast: bool = True) -> torch.Tensor:
-    """[L, B, T, D] x2, mask [B, T] -> [L]; fp32 if `upcast`, else in the inputs' dtype."""
+                        upcast: bool = True, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """[L, B, T, D] x2, mask [B, T] -> [L]; fp32 if `upcast`, else in the inputs' dtype.
+
+    `tokens`: the real-token count to divide by instead of this batch's, e.g. the global batch's
+    when each data-parallel rank holds a share of it (the result is then the rank's part of the loss)."""
     if upcast:
         student, teacher = student.float(), teacher.float()
     valid = mask.bool()[None, :, :, None]  # [1, B, T, 1]
     diff = torch.where(valid, student - teacher, 0.0)  # where, not * mask: pads may hold inf
-    denom = mask.bool().sum().clamp(min=1) * student.shape[-1]
+    denom = (mask.bool().sum() if tokens is None else tokens).clamp(min=1) * student.shape[-1]
     return diff.square().sum(dim=(1, 2, 3)) / denom
 
 

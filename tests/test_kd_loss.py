@@ -222,3 +222,40 @@ def test_tinybert_norm_needs_the_reference_impl():
 
     with pytest.raises(InputError, match="reference"):
         KDLossConfig(loss_norm="tinybert", impl="fused")
+
+
+@pytest.mark.parametrize("norm,target", [("masked", "probs"), ("masked", "scores"), ("tinybert", "probs")])
+def test_shares_with_global_counts_add_up_to_the_whole_batch(norm, target):
+    """Data parallel: each share of a batch (rows keep the batch's padded length) divided by the
+    whole batch's counts gives a part of the loss; the parts, and their gradients, add up to the
+    whole batch's loss and gradient. Counts of the whole batch itself change nothing."""
+    from conftest import padded_batch
+    from xlmr_mini.kd_loss import LossCounts
+
+    teacher, student = _tiny(4, 0), _tiny(2, 1)
+    proj = HiddenProjection(32, 32)
+    ids, mask = padded_batch(50, [9, 2, 5, 7, 3])
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    cfg = KDLossConfig(att_target=target, loss_norm=norm)
+    shares = [[0, 3], [1, 2, 4]]
+    counts = LossCounts.unstack(sum(LossCounts.of(mask[rows]).stack() for rows in shares))
+    assert counts == LossCounts.of(mask)
+
+    def loss_and_grads(rows, counts):
+        student.zero_grad()
+        with torch.inference_mode():
+            t_out = teacher(ids[rows], mask[rows], kd_taps(cfg, [1, 3]))
+        s_out = student(ids[rows], mask[rows], kd_taps(cfg, [0, 1]))
+        total, terms = kd_loss(s_out, t_out, labels[rows], mask[rows], cfg, proj, [1, 3], counts)
+        total.backward()
+        return total.detach(), terms, [p.grad.clone() for p in student.parameters()]
+
+    whole, whole_terms, whole_grads = loss_and_grads(list(range(5)), None)
+    parts = [loss_and_grads(rows, counts) for rows in shares]
+    torch.testing.assert_close(sum(p[0] for p in parts), whole, atol=1e-6, rtol=1e-5)
+    for name in whole_terms:
+        torch.testing.assert_close(sum(p[1][name] for p in parts), whole_terms[name], atol=1e-6, rtol=1e-5)
+    for i, g in enumerate(whole_grads):
+        torch.testing.assert_close(sum(p[2][i] for p in parts), g, atol=1e-6, rtol=1e-4)
+    same, _, _ = loss_and_grads(list(range(5)), LossCounts.of(mask))
+    torch.testing.assert_close(same, whole, atol=1e-6, rtol=1e-6)

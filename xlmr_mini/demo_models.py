@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xlmr_mini import distributed
 from xlmr_mini.checkpoint import build_model, hf_state_dict, save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
@@ -58,13 +59,16 @@ def demo_teacher(cfg: TrainConfig, train: Callable[..., dict]) -> Path:
     arch = demo_architecture(task)
     results = train(tcfg, arch=arch, quiet=True)
     print(f"demo teacher: dev {tcfg.metric} {100 * results['dev_score']:.2f}%")
-    work = Path(tcfg.out)
+    distributed.on_main(_keep, Path(tcfg.out), final)  # under torchrun every rank trained it, rank 0 keeps it
+    return final
+
+
+def _keep(work: Path, final: Path) -> None:
     tmp = final.with_name("." + final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(work / "best", tmp)
     os.replace(tmp, final)
     shutil.rmtree(work, ignore_errors=True)
-    return final
 
 
 def demo_architecture(task: TaskData) -> XLMRConfig:

@@ -2,11 +2,13 @@
 the label mapping between a dataset and a model, and which split a run reports.
 
 Library layer: used by `train` (dev evaluation, the final score) and by `evaluate` (the CLI).
-Scores are defined in `xlmr_mini.metrics`.
+Scores are defined in `xlmr_mini.metrics`. Under torchrun each rank scores every world-th batch
+and every rank gets all the predictions.
 """
 import numpy as np
 import torch
 
+from xlmr_mini import distributed
 from xlmr_mini.data import Split, TaskData, epoch_batches
 from xlmr_mini.errors import InputError
 from xlmr_mini.metrics import score_by_language
@@ -31,17 +33,21 @@ def to_model_labels(split: Split, remap: np.ndarray) -> Split:
 
 @torch.no_grad()
 def predict(model: XLMRClassifier, enc, batch_size: int = 64, bf16: bool = False) -> np.ndarray:
-    """Predicted label ids, in the split's order (batches run shortest first, then map back)."""
+    """Predicted label ids, in the split's order (batches run shortest first, then map back; under
+    torchrun sharded over the ranks and gathered)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     preds = np.zeros(len(enc), dtype=np.int64)
     batches = epoch_batches(enc, batch_size, seed=0, epoch=0, shuffle=False,
                             pad_id=model.cfg.pad_token_id, sort_by_length=True)
-    for batch in batches:
+    mine = []
+    for batch in batches[distributed.rank()::distributed.world_size()]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
-        preds[batch["index"].numpy()] = logits.argmax(-1).cpu().numpy()
+        mine.append((batch["index"].numpy(), logits.argmax(-1).cpu().numpy()))
+    for index, pred in (part for rank_parts in distributed.all_gather(mine) for part in rank_parts):
+        preds[index] = pred
     model.train(was_training)
     return preds
 

@@ -42,6 +42,15 @@ copy took (`copy_weights.hidden_indices`). Then the MSE divides by the student's
 Attention may be compared as materialized maps (`impl="reference"`: taps `scores` or `probs`)
 or from Q and K without T x T maps (`impl="fused"`: taps `qk`, Triton kernels on GPU; masked
 normalisation only). Both need the student to have the teacher's head count.
+
+Data parallel. Every term above is a mean: a sum over the batch divided by a count (real tokens,
+counted attention entries, padded positions, sequences). When the global batch is split across
+ranks, `kd_loss(..., counts=LossCounts)` divides each rank's local sums by the global batch's
+counts (all-reduced by the caller, `distributed.global_counts`), so the ranks' losses add up to
+the single-process loss of the global batch, and so do their gradients (the caller multiplies by
+the world size, as DDP averages gradients over ranks). `counts=None` (one process) is the plain
+means, unchanged. The reference implementation only: the fused kernels take their denominators
+from the local batch.
 """
 import dataclasses
 
@@ -92,6 +101,32 @@ class KDLossConfig:
         return {"att": self.w_att, "hid": self.w_hid, "embd": self.w_embd, "pred": self.w_pred, "clf": self.w_clf}
 
 
+@dataclasses.dataclass(frozen=True)
+class LossCounts:
+    """The denominators of the loss's means, over the whole batch (int64 scalars); see the module
+    docstring, "Data parallel". `of(mask)` counts one batch; ranks sum theirs."""
+
+    rows: torch.Tensor  # sequences: cross-entropy, logits MSE (x classes)
+    tokens: torch.Tensor  # real tokens, sum_b n_b: hidden-state MSE (x D)
+    token_pairs: torch.Tensor  # counted attention entries per head, sum_b n_b^2
+    positions: torch.Tensor  # padded positions, B * T: TinyBERT's hidden-state means (x D)
+    position_pairs: torch.Tensor  # padded attention entries per head, B * T^2: TinyBERT's attention means
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "LossCounts":
+        n = mask.bool().sum(dim=1)  # [B]
+        b, t = mask.shape
+        return cls.unstack(torch.stack([n.new_tensor(b), n.sum(), n.square().sum(), n.new_tensor(b * t),
+                                        n.new_tensor(b * t * t)]))
+
+    def stack(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f.name) for f in dataclasses.fields(self)])  # [5]
+
+    @classmethod
+    def unstack(cls, values: torch.Tensor) -> "LossCounts":
+        return cls(*values.to(torch.int64).unbind())
+
+
 def kd_taps(cfg: KDLossConfig, layers) -> Taps | None:
     """What a model records for the loss: `layers` (0-based) with hidden states and attention,
     plus the embeddings. None without KD (the forward then keeps nothing)."""
@@ -140,14 +175,16 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if _upcast(x) else x
 
 
-def _hidden_mse(h_s, h_t, mask, fused: bool) -> torch.Tensor:
+def _hidden_mse(h_s, h_t, mask, fused: bool, counts: LossCounts | None) -> torch.Tensor:
     """[L, B, T, D] pair -> [L]."""
     if fused:
         return layer_mse(h_s, h_t.to(h_s.dtype), mask)
-    return layer_mse_reference(h_s, h_t, mask, upcast=_upcast(h_s))
+    tokens = None if counts is None else counts.tokens
+    return layer_mse_reference(h_s, h_t, mask, upcast=_upcast(h_s), tokens=tokens)
 
 
-def _attention_mse(s: Output, t: Output, pos: list[int], mask, cfg: KDLossConfig) -> torch.Tensor:
+def _attention_mse(s: Output, t: Output, pos: list[int], mask, cfg: KDLossConfig,
+                   counts: LossCounts | None) -> torch.Tensor:
     """[L] over student layers; teacher layer of student layer i is t's tapped entry pos[i]."""
     if cfg.impl == "fused":
         q_s, k_s = torch.stack(s.q), torch.stack(s.k)  # [L, B, H, T, d_s]
@@ -159,7 +196,8 @@ def _attention_mse(s: Output, t: Output, pos: list[int], mask, cfg: KDLossConfig
     maps_t = t.scores if cfg.att_target == "scores" else t.probs
     a_s = torch.stack(maps_s)  # [L, B, H, T, T]
     a_t = torch.stack([maps_t[p] for p in pos])
-    return attention_map_mse_reference(a_s, a_t, mask, upcast=_upcast(a_s))
+    pairs = None if counts is None else counts.token_pairs
+    return attention_map_mse_reference(a_s, a_t, mask, upcast=_upcast(a_s), token_pairs=pairs)
 
 
 def teacher_positions(layer_map: list[int]) -> list[int]:
@@ -170,50 +208,60 @@ def teacher_positions(layer_map: list[int]) -> list[int]:
 
 def kd_loss(student_out: Output, teacher_out: Output | None, labels: torch.Tensor, mask: torch.Tensor,
             cfg: KDLossConfig, proj: HiddenProjection | None = None,
-            layer_map: list[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            layer_map: list[int] | None = None,
+            counts: LossCounts | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(L_overall, {"att", "hid", "embd", "pred", "clf"}) as fp32 scalars (KD terms 0 without KD).
 
     student_out: taps of every student layer (`kd_taps(cfg, range(L_s))`); teacher_out: taps of
     the layers `layer_map` names (`kd_taps(cfg, layer_map)`), computed without grad; mask [B, T]
-    (1 = token). `proj` maps student to teacher width (None: identity).
+    (1 = token). `proj` maps student to teacher width (None: identity). `counts`: the global
+    batch's denominators when this batch is one rank's share of it (None: this batch's own).
     """
-    z_s = student_out.logits
-    terms = {"clf": F.cross_entropy(_at_least_fp32(z_s), labels)}
+    z_s = _at_least_fp32(student_out.logits)
+    if counts is None:
+        terms = {"clf": F.cross_entropy(z_s, labels)}
+    else:
+        terms = {"clf": F.cross_entropy(z_s, labels, reduction="sum") / counts.rows}
     if not cfg.kd:
         zero = terms["clf"].new_zeros(())
         terms = {"att": zero, "hid": zero, "embd": zero, "pred": zero, **terms}
     else:
-        terms = {**_kd_terms(student_out, teacher_out, mask, cfg, proj, layer_map), **terms}
+        terms = {**_kd_terms(student_out, teacher_out, mask, cfg, proj, layer_map, counts), **terms}
     weights = cfg.weights()
     total = sum(weights[name] * terms[name] for name in TERMS)
     return total, terms
 
 
-def _kd_terms(s: Output, t: Output, mask, cfg: KDLossConfig, proj, layer_map) -> dict[str, torch.Tensor]:
+def _kd_terms(s: Output, t: Output, mask, cfg: KDLossConfig, proj, layer_map,
+              counts: LossCounts | None) -> dict[str, torch.Tensor]:
     if len(layer_map) != len(s.hidden):
         raise ValueError(f"layer_map has {len(layer_map)} entries for {len(s.hidden)} tapped student layers")
     pos = teacher_positions(layer_map)
     fused = cfg.impl == "fused"
+    if fused and counts is not None:
+        raise InputError("--kd-impl fused runs on one process only; use --kd-impl reference under torchrun")
     proj = proj if proj is not None else (lambda a, b: (a, b))
+    logits_count = None if counts is None else counts.rows * s.logits.shape[-1]
     if cfg.loss_norm == "tinybert":
-        return _tinybert_terms(s, t, pos, cfg, proj)
+        return _tinybert_terms(s, t, pos, cfg, proj, counts, logits_count)
     h_s, h_t = proj(torch.stack(s.hidden), torch.stack([t.hidden[p] for p in pos]))  # [L, B, T, D]
     e_s, e_t = proj(s.embeddings[None], t.embeddings[None])  # [1, B, T, D]
     # Subtractions, not F.mse_loss: the teacher's tensors may be inference tensors, which autograd
     # must never save; a difference saves nothing of its inputs.
-    pred = (_at_least_fp32(s.logits) - t.logits.to(_at_least_fp32(s.logits).dtype)).square().mean()
     return {
-        "att": _attention_mse(s, t, pos, mask, cfg).mean(),
-        "hid": _hidden_mse(h_s, h_t, mask, fused).mean(),
-        "embd": _hidden_mse(e_s, e_t, mask, fused)[0],
-        "pred": pred,
+        "att": _attention_mse(s, t, pos, mask, cfg, counts).mean(),
+        "hid": _hidden_mse(h_s, h_t, mask, fused, counts).mean(),
+        "embd": _hidden_mse(e_s, e_t, mask, fused, counts)[0],
+        "pred": _mean_square_error(s.logits, t.logits, logits_count),
     }
 
 
-def _mean_square_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`nn.MSELoss()(a, b)` in at least fp32, as a difference (saves nothing of an inference tensor)."""
+def _mean_square_error(a: torch.Tensor, b: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """`nn.MSELoss()(a, b)` in at least fp32, as a difference (saves nothing of an inference tensor);
+    with `count`, the sum of squares over `count` elements (a rank's part of a global batch's mean)."""
     a = _at_least_fp32(a)
-    return (a - b.to(a.dtype)).square().mean()
+    square = (a - b.to(a.dtype)).square()
+    return square.mean() if count is None else square.sum() / count
 
 
 def _zero_masked(x: torch.Tensor) -> torch.Tensor:
@@ -221,13 +269,21 @@ def _zero_masked(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x <= -1e2, torch.zeros_like(x), x)
 
 
-def _tinybert_terms(s: Output, t: Output, pos: list[int], cfg: KDLossConfig, proj) -> dict[str, torch.Tensor]:
+def _tinybert_terms(s: Output, t: Output, pos: list[int], cfg: KDLossConfig, proj, counts: LossCounts | None,
+                    logits_count) -> dict[str, torch.Tensor]:
     """TinyBERT's task_distill.py normalisation: per layer the mean over the whole padded batch,
     summed over layers (its rep_loss is our L_hid + L_embd)."""
     maps_s = s.scores if cfg.att_target == "scores" else s.probs
     maps_t = t.scores if cfg.att_target == "scores" else t.probs
-    att = sum(_mean_square_error(_zero_masked(a), _zero_masked(maps_t[p])) for a, p in zip(maps_s, pos))
-    hid = sum(_mean_square_error(*proj(h, t.hidden[p])) for h, p in zip(s.hidden, pos))
-    embd = _mean_square_error(*proj(s.embeddings, t.embeddings))
-    pred = _mean_square_error(s.logits, t.logits)
+
+    def count(unit: str, per_unit: int):  # the global batch's element count: positions (x T) x per_unit
+        return None if counts is None else getattr(counts, unit) * per_unit
+
+    att = sum(_mean_square_error(_zero_masked(a), _zero_masked(maps_t[p]), count("position_pairs", a.shape[1]))
+              for a, p in zip(maps_s, pos))  # a [B, H, T, T]
+    pairs = [proj(h, t.hidden[p]) for h, p in zip(s.hidden, pos)]  # [B, T, D] each
+    hid = sum(_mean_square_error(h_s, h_t, count("positions", h_s.shape[-1])) for h_s, h_t in pairs)
+    e_s, e_t = proj(s.embeddings, t.embeddings)
+    embd = _mean_square_error(e_s, e_t, count("positions", e_s.shape[-1]))
+    pred = _mean_square_error(s.logits, t.logits, logits_count)
     return {"att": att, "hid": hid, "embd": embd, "pred": pred}

@@ -2,13 +2,18 @@
 
 `forward_loss` is what `--compile` compiles whole (fullgraph); the teacher's forward runs apart,
 under inference mode. `StepContext` holds what a step needs besides the batch.
+
+Under torchrun (`xlmr_mini.distributed`) the student and its projection run inside DDP, each rank
+on its share of the global batch; see `train_step` for how the loss and gradient stay the
+single-process ones.
 """
 import dataclasses
 import math
 
 import torch
 
-from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_loss, kd_taps
+from xlmr_mini import distributed
+from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, LossCounts, kd_loss, kd_taps
 from xlmr_mini.model import XLMRClassifier
 
 
@@ -31,16 +36,29 @@ class StepContext:
     max_grad_norm: float = 1.0
     bf16: bool = False
     loss_fn: object = None
+    parallel: torch.nn.Module | None = None  # DDP over `Trained(student, proj)` under torchrun
+
+
+class Trained(torch.nn.Module):
+    """The trained modules, student and projection, as one module for DDP to wrap; its forward
+    runs `loss_fn` (`forward_loss` or its compiled form) on them."""
+
+    def __init__(self, student: XLMRClassifier, proj: HiddenProjection | None):
+        super().__init__()
+        self.student, self.proj = student, proj
+
+    def forward(self, loss_fn, *args):
+        return loss_fn(self.student, self.proj, *args)
 
 
 def forward_loss(student, proj, input_ids, mask, labels, teacher_out, loss_cfg: KDLossConfig,
-                 lmap: list[int], bf16: bool = False):
+                 lmap: list[int], bf16: bool = False, counts: LossCounts | None = None):
     """Student forward + `kd_loss`: what `--compile` compiles (fullgraph); backward runs outside."""
     taps = kd_taps(loss_cfg, range(student.cfg.num_hidden_layers))
     # The loss runs under autocast too (fit_dense on bf16 states); its terms upcast to fp32.
     with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = student(input_ids, mask, taps)
-        return kd_loss(out, teacher_out, labels, mask, loss_cfg, proj, lmap)
+        return kd_loss(out, teacher_out, labels, mask, loss_cfg, proj, lmap, counts)
 
 
 def compile_forward_loss(backend: str = "inductor"):
@@ -71,15 +89,32 @@ def teacher_forward(ctx: StepContext, input_ids, mask):
         return ctx.teacher(input_ids, mask, kd_taps(ctx.loss_cfg, ctx.layer_map))
 
 
-def train_step(ctx: StepContext, batch: dict, device) -> dict[str, float]:
+def train_step(ctx: StepContext, batch: dict, device, real: bool = True) -> dict[str, float]:
     """One optimizer step; returns the loss and its terms. A non-finite loss raises before the
-    weights change, so the last checkpoint stays the last good state."""
+    weights change, so the last checkpoint stays the last good state.
+
+    Data parallel (`ctx.parallel`): `batch` is this rank's share of the global batch (`real`
+    False: a stand-in row for a rank left without one, which counts for nothing). The loss's
+    denominators are the global batch's (all-reduced counts), so each rank's loss is its part of
+    the global loss; DDP averages gradients over ranks, so each rank backpropagates its part times
+    the world size and the average is the gradient of the global loss. Logged values and the
+    finiteness check use the all-reduced (global) loss, so every rank stops together."""
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
     teacher_out = teacher_forward(ctx, input_ids, mask)
     loss_fn = ctx.loss_fn or forward_loss
-    total, terms = loss_fn(ctx.student, ctx.proj, input_ids, mask, labels, teacher_out, ctx.loss_cfg,
-                           ctx.layer_map, ctx.bf16)
+    args = (input_ids, mask, labels, teacher_out, ctx.loss_cfg, ctx.layer_map, ctx.bf16)
+    if ctx.parallel is None:
+        total, terms = loss_fn(ctx.student, ctx.proj, *args)
+        backward = total
+    else:
+        counts = LossCounts.unstack(distributed.all_reduce_sum(LossCounts.of(mask).stack() * int(real)))
+        with distributed.collective("the forward pass"):  # DDP syncs buffers
+            total, terms = ctx.parallel(loss_fn, *args, counts)
+        backward = total * (distributed.world_size() * int(real))
+        local = torch.stack([total.detach(), *(v.detach() for v in terms.values())]) * int(real)
+        summed = distributed.all_reduce_sum(local)  # the global batch's loss and terms
+        total, terms = summed[0], dict(zip(terms, summed[1:]))
     values = {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
     # Each term's share of the total, so a term that swamps the others (or a starved L_clf) shows.
     weights = ctx.loss_cfg.weights()
@@ -87,7 +122,8 @@ def train_step(ctx: StepContext, batch: dict, device) -> dict[str, float]:
     if not math.isfinite(values["loss"]):
         ctx.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"the loss became {values['loss']} ({', '.join(f'{k}={v:.4g}' for k, v in terms.items())})")
-    total.backward()
+    with distributed.collective("the gradient all-reduce"):
+        backward.backward()
     if ctx.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(ctx.params, ctx.max_grad_norm)
     ctx.optimizer.step()

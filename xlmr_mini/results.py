@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from xlmr_mini import distributed
 from xlmr_mini.checkpoint import load_model
 from xlmr_mini.inference import evaluate
 from xlmr_mini.metrics import METRIC_LABEL, format_table, mean_over_seeds, metric_key, summarize_seeds
@@ -31,10 +32,15 @@ def finish_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, pr
         "teacher": str(setup.teacher_dir) if setup.teacher_dir else None,
         "wall_s": round(wall_s, 1), "config": dataclasses.asdict(cfg),
     }
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"type": "eval", "split": setup.final_name, "final": True, "step": prog.best_step, **final}) + "\n")
-    write_json(out / "results.json", results)
+    distributed.on_main(_write_final, out, {"type": "eval", "split": setup.final_name, "final": True,
+                                            "step": prog.best_step, **final}, results)
     return results
+
+
+def _write_final(out: Path, record: dict, results: dict) -> None:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    write_json(out / "results.json", results)
 
 
 def report(cfg: TrainConfig, setup: Setup, out: Path, runs: list[dict], quiet: bool) -> dict:
@@ -65,7 +71,7 @@ def _summarize(cfg: TrainConfig, setup: Setup, out: Path, runs: list[dict]) -> d
         "final": mean_over_seeds([r["final"] for r in runs]), "runs": [f"seed-{r['seed']}" for r in runs],
         "config": dataclasses.asdict(cfg),
     }
-    write_json(out / "results.json", summary)
+    distributed.on_main(write_json, out / "results.json", summary)
     return summary
 
 

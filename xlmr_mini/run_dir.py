@@ -4,8 +4,9 @@
     out/metrics.jsonl    one record per training step and per evaluation
     out/results.json     final numbers and the full configuration
     out/best/            the best model on dev, an HF directory
-    out/checkpoint/      model, projection, optimizer, scheduler, RNG and step (for --resume);
-                         the data order is a function of (seed, epoch), so the step is the data position
+    out/checkpoint/      model, projection, optimizer, scheduler, RNG (every rank's) and step (for
+                         --resume); the data order is a function of (seed, epoch), so the step is
+                         the data position
 
 Every write is atomic: a crash leaves the previous file or checkpoint, never half of one.
 """
@@ -28,17 +29,20 @@ def write_json(path: Path, obj) -> None:
 
 
 class MetricsLog:
-    """Append-only JSONL, one record per line, flushed as written."""
+    """Append-only JSONL, one record per line, flushed as written; with no path (a rank other than
+    0 under torchrun) it writes nothing."""
 
-    def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", encoding="utf-8") if path is not None else None
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def metrics_writer(path: Path, keep_through: int) -> MetricsLog:
@@ -57,17 +61,18 @@ def metrics_writer(path: Path, keep_through: int) -> MetricsLog:
     return MetricsLog(path)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def save_checkpoint(path: Path, ctx: StepContext, progress: dict) -> None:
+def save_checkpoint(path: Path, ctx: StepContext, progress: dict, rng: list[dict] | None = None) -> None:
     """Write the training state into a fresh directory, then swap it in with renames: a crash
     leaves the previous checkpoint (or, between the two renames, `.checkpoint.old`, which
-    `load_checkpoint` also accepts)."""
+    `load_checkpoint` also accepts). `rng`: every rank's `rng_state()` (default: this process's)."""
+    rng = rng or [rng_state()]
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -75,8 +80,8 @@ def save_checkpoint(path: Path, ctx: StepContext, progress: dict) -> None:
     if ctx.proj is not None:
         tensors.update({f"proj.{k}": v.detach().contiguous().cpu() for k, v in ctx.proj.state_dict().items()})
     save_file(tensors, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(), "rng": _rng_state()},
-               tmp / "training_state.pt")
+    torch.save({"optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(), "rng": rng[0],
+                "rank_rng": rng}, tmp / "training_state.pt")
     write_json(tmp / "progress.json", progress)  # written last: its presence marks a complete checkpoint
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -85,8 +90,10 @@ def save_checkpoint(path: Path, ctx: StepContext, progress: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, ctx: StepContext, device) -> dict:
-    """Restore model, projection, optimizer, scheduler and RNG from `path`; returns the progress."""
+def load_checkpoint(path: Path, ctx: StepContext, device, rank: int = 0, world_size: int = 1) -> dict:
+    """Restore model, projection, optimizer, scheduler and RNG from `path`; returns the progress.
+    Each rank takes its own RNG state when the checkpoint has one per rank of this world size
+    (else rank 0's: resuming on another number of processes changes only dropout's draws)."""
     if not (path / "progress.json").is_file():
         old = path.with_name(f".{path.name}.old")
         if not (old / "progress.json").is_file():
@@ -99,9 +106,11 @@ def load_checkpoint(path: Path, ctx: StepContext, device) -> dict:
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    ranks = state.get("rank_rng", [])
+    rng = ranks[rank] if len(ranks) == world_size else state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / "progress.json").read_text(encoding="utf-8"))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xlmr_mini import distributed
 from xlmr_mini.checkpoint import build_model, find_tokenizer, load_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import INITS, StudentSpec, init_student, layer_map, scratch_state_dict, student_config
@@ -16,7 +17,7 @@ from xlmr_mini.data import EncodedSplit, TaskData, encode_split, load_task, sele
 from xlmr_mini.errors import InputError
 from xlmr_mini.inference import final_split, label_ids, to_model_labels
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
-from xlmr_mini.kd_step import StepContext, compile_forward_loss, linear_schedule, make_optimizer
+from xlmr_mini.kd_step import StepContext, Trained, compile_forward_loss, linear_schedule, make_optimizer
 from xlmr_mini.model import XLMRClassifier
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_EPOCHS, DEMO_LR, PAPER_EPOCHS, PAPER_LR, TrainConfig
@@ -74,6 +75,9 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise InputError("--base: from-base copies a pretrained base model; give its directory (e.g. xlm-roberta-base)")
     if not 0.0 < cfg.subset <= 1.0:
         raise InputError(f"--subset {cfg.subset}: must be a fraction in (0, 1]")
+    if cfg.kd_impl == "fused" and not cfg.no_kd and distributed.launched():
+        raise InputError("--kd-impl fused: runs on one process only (its kernels normalise by the local batch); "
+                         "use --kd-impl reference under torchrun")
 
 
 def _encode(cfg: TrainConfig, task: TaskData, tok: Tokenizer, remap: np.ndarray, final_name: str) -> dict:
@@ -146,4 +150,5 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
                       max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16)
     if cfg.compile:
         ctx.loss_fn = compile_forward_loss()
+    ctx.parallel = distributed.wrap(Trained(student, proj))  # None on one process
     return ctx

@@ -9,30 +9,39 @@ One run = one seed: initialize (paper §2.2), train with `kd_loss` (§2.1) or cr
 finally score it on test (dev if the data has no test split). With several `--seeds` each seed
 gets `seed-N/` and the top results.json holds the mean and spread.
 
+Under torchrun (`torchrun --nproc_per_node N -m xlmr_mini.train ...`) the same loop runs on every
+process with DDP: each takes its share of every global batch, and only rank 0 prints and writes
+(`distributed`).
+
 This file is the loop and the orchestration; its parts live beside it: `train_config` (the flags),
 `run_setup` (data, models, step context), `kd_step` (one optimizer step), `run_dir` (checkpoints,
 metrics.jsonl, out-dir claims), `results` (scores, summaries), `demo_models` (the demo's teacher).
 """
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from xlmr_mini import distributed
 from xlmr_mini.checkpoint import save_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.data import epoch_batches, load_task
 from xlmr_mini.demo_models import demo_architecture, demo_teacher
-from xlmr_mini.errors import cli_main
+from xlmr_mini.errors import InputError, cli_main
 from xlmr_mini.hardware import resolve_device
 from xlmr_mini.inference import evaluate
 from xlmr_mini.kd_step import TrainingError, train_step
 from xlmr_mini.metrics import metric_key
 from xlmr_mini.progress import Progress
 from xlmr_mini.results import finish_seed, report
-from xlmr_mini.run_dir import claim_out, default_out, load_checkpoint, metrics_writer, save_checkpoint, seed_dirs
+from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, rng_state,
+                               save_checkpoint, seed_dirs)
 from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
@@ -59,9 +68,12 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     ctx = build_context(cfg, setup, seed, device, total)
     prog = Progression()
     if cfg.resume and (out / "checkpoint").exists():
-        prog = Progression(**load_checkpoint(out / "checkpoint", ctx, device))
-    log = metrics_writer(out / "metrics.jsonl", keep_through=prog.step)
-    bar = Progress(total, start=prog.step, label=f"seed {seed}")
+        prog = Progression(**load_checkpoint(out / "checkpoint", ctx, device, distributed.rank(),
+                                             distributed.world_size()))
+    log = distributed.on_main(metrics_writer, out / "metrics.jsonl", keep_through=prog.step) or MetricsLog(None)
+    world = distributed.world_size()
+    bar = Progress(total, start=prog.step, label=f"seed {seed}" + (f", {world} processes" if world > 1 else ""),
+                   stream=None if distributed.is_main() else io.StringIO())
     limit = min(total, cfg.stop_after or total)
     try:
         while prog.step < limit:
@@ -72,7 +84,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
                 if prog.step >= limit:
                     break
         if prog.step < total:
-            save_checkpoint(out / "checkpoint", ctx, dataclasses.asdict(prog))
+            _save_checkpoint(out, ctx, prog)
             bar.close(f"stopped at step {prog.step} of {total} (--stop-after); continue with --resume")
             return {"stopped_at": prog.step}
     except TrainingError as e:
@@ -88,14 +100,23 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
 
 
 def _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, epoch, device) -> None:
-    values = train_step(ctx, batch, device)
+    started = time.perf_counter()
+    share, real = distributed.shard_batch(batch)  # the whole batch on one process
+    values = train_step(ctx, share, device, real)
     prog.step += 1
     lr = ctx.scheduler.get_last_lr()[0]
-    log.write({"type": "train", "step": prog.step, "epoch": epoch, "lr": lr, **values})
+    rate = len(batch["labels"]) / max(time.perf_counter() - started, 1e-9)  # the global batch's samples
+    log.write({"type": "train", "step": prog.step, "epoch": epoch, "lr": lr, "world_size": distributed.world_size(),
+               "samples_per_s": round(rate, 1), **values})
     bar.update(prog.step, values["loss"])
     if prog.step % eval_every == 0 or prog.step == total:
         _evaluate_dev(cfg, setup, ctx, prog, out, log, device)
-        save_checkpoint(out / "checkpoint", ctx, dataclasses.asdict(prog))
+        _save_checkpoint(out, ctx, prog)
+
+
+def _save_checkpoint(out: Path, ctx, prog: Progression) -> None:
+    rng = distributed.all_gather(rng_state())  # every rank's, so each resumes its own dropout draws
+    distributed.on_main(save_checkpoint, out / "checkpoint", ctx, dataclasses.asdict(prog), rng)
 
 
 def _evaluate_dev(cfg, setup, ctx, prog, out, log, device) -> None:
@@ -105,7 +126,7 @@ def _evaluate_dev(cfg, setup, ctx, prog, out, log, device) -> None:
     improved = score > prog.best_score
     if improved:
         prog.best_score, prog.best_step = score, prog.step
-        save_model(out / "best", ctx.student, setup.tokenizer_file)
+        distributed.on_main(save_model, out / "best", ctx.student, setup.tokenizer_file)
     prog.last_eval_step = prog.step
     log.write({"type": "eval", "split": "dev", "step": prog.step, "metric": cfg.metric, "best": improved,
                "languages": scores.pop("languages"), **scores})
@@ -116,14 +137,20 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False)
     threads = torch.get_num_threads()
     if cfg.num_threads or cfg.is_demo:
         torch.set_num_threads(cfg.num_threads or DEMO_THREADS)
+    device, joined = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)  # under torchrun
+    main_rank = distributed.is_main()
     try:
-        return _train(cfg, arch, quiet)
+        with contextlib.ExitStack() as stack:
+            if not main_rank:  # only rank 0 prints
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return _train(cfg, device, arch, quiet or not main_rank)
     finally:
         torch.set_num_threads(threads)
+        if joined:
+            distributed.shutdown()
 
 
-def _train(cfg: TrainConfig, arch: XLMRConfig | None, quiet: bool) -> dict:
-    device = resolve_device(cfg.device)
+def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool) -> dict:
     teacher = None
     needs_teacher = cfg.init == "from-teacher" or not cfg.no_kd
     if cfg.is_demo and cfg.teacher is None and arch is None and needs_teacher:
@@ -135,7 +162,7 @@ def _train(cfg: TrainConfig, arch: XLMRConfig | None, quiet: bool) -> dict:
         arch = demo_architecture(load_task("demo", cache_dir=cfg.cache_dir))  # from-scratch takes its sizes
     setup = prepare(cfg, teacher_dir=teacher, arch=arch)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
-    claim_out(cfg, out)
+    distributed.on_main(claim_out, cfg, out)
     runs = []
     for seed, run_dir in seed_dirs(cfg, out):
         done = run_dir / "results.json"
@@ -151,12 +178,19 @@ def _train(cfg: TrainConfig, arch: XLMRConfig | None, quiet: bool) -> dict:
 
 @cli_main
 def main(argv=None) -> dict:
-    cfg = parse_config(argv)
     try:
-        return train(cfg)
+        return train(parse_config(argv))
     except TrainingError as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except distributed.PeerLost as e:
+        print(f"error: training stopped: {e}. Rerun the same command with --resume to continue from the last "
+              f"checkpoint.", file=sys.stderr)
+        raise SystemExit(1)
+    except InputError:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank sees the same bad input: rank 0 says it
+            raise SystemExit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ class TrainConfig:
     epochs: int | None = _field(None, f"training epochs (default: {PAPER_EPOCHS} as the paper; the demo: {DEMO_EPOCHS})")
     max_steps: int | None = _field(None, "train exactly this many steps instead (the schedule decays over them)")
     batch_size: int | None = _field(None, f"training batch size (default: {DEFAULT_BATCH_SIZE}, faster on a GPU; the paper "
-                                    f"kept transformers' default 8, see --preset paper)")
+                                    f"kept transformers' default 8, see --preset paper); under torchrun the global "
+                                    f"batch, split across the processes")
     eval_batch_size: int = _field(64, "evaluation batch size")
     lr: float | None = _field(None, f"peak learning rate (default: {PAPER_LR}, transformers' default; the demo: {DEMO_LR})")
     weight_decay: float = _field(0.0, "AdamW weight decay")
@@ -93,6 +94,8 @@ class TrainConfig:
     resume: bool = _field(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = _field(False, "replace a different run found in --out")
     stop_after: int | None = _field(None, "checkpoint and stop once the run reaches this step (continue later with --resume)")
+    dist_timeout: float = _field(600.0, "under torchrun: seconds a process waits for the others (a collective, or "
+                                 "rank 0 writing a checkpoint) before it stops the job")
     cache_dir: str | None = _field(None, "cache for tokenized data, the demo and its teacher (default: ~/.cache/xlmr_mini)")
     preset: str | None = _field(None, "paper: the paper's settings where our defaults differ (batch 8, its evaluation "
                                 "steps, 30 epochs, seeds 1 2 3); flags given explicitly still win", choices=PRESETS)
@@ -109,7 +112,8 @@ class TrainConfig:
         self.layer_map = tuple(self.layer_map) if self.layer_map is not None else None
         if not self.seeds:
             raise InputError("--seeds: give at least one seed")
-        for name in ("batch_size", "eval_batch_size", "epochs", "max_steps", "eval_steps", "stop_after", "layers"):
+        for name in ("batch_size", "eval_batch_size", "epochs", "max_steps", "eval_steps", "stop_after", "layers",
+                     "dist_timeout"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} {value}: must be at least 1")
@@ -120,7 +124,8 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The settings that define the run's result (what `run.json` compares)."""
-        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset"}
+        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset",
+                   "dist_timeout"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
