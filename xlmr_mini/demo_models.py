@@ -27,7 +27,7 @@ from xlmr_mini.data import DEMO_VERSION, TaskData, default_cache_dir, encode_spl
 from xlmr_mini.kd_step import linear_schedule, make_optimizer
 from xlmr_mini.model import Taps
 from xlmr_mini.tokenizer import Tokenizer
-from xlmr_mini.train_config import TrainConfig
+from xlmr_mini.train_config import DEMO_THREADS, TrainConfig
 
 # The demo teacher: from scratch, about a minute on one CPU core, dev macro-F1 ~0.78. Trained from
 # random weights it needs the warm-up and many epochs (a 4-layer one learns far slower at this data
@@ -118,6 +118,16 @@ def demo_base(cache_dir=None, quiet: bool = False) -> Path:
     final = _cached(cache_dir, "base", {**DEMO_BASE, **DEMO_TEACHER})
     if (final / "model.safetensors").is_file():
         return final
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)  # a tiny model: one thread beats two
+    try:
+        _pretrain_base(final, cache_dir, quiet)
+    finally:
+        torch.set_num_threads(threads)
+    return final
+
+
+def _pretrain_base(final: Path, cache_dir, quiet: bool) -> None:
     task = load_task("demo", cache_dir=cache_dir)
     arch = demo_architecture(task)
     b = DEMO_BASE
@@ -151,7 +161,6 @@ def demo_base(cache_dir=None, quiet: bool = False) -> Path:
     if not quiet:
         print(f"demo base: final masked-LM loss {loss.item():.3f}")
     _save_base(final, arch, model, head, task.tokenizer_path)
-    return final
 
 
 def _save_base(final: Path, arch: XLMRConfig, model, head: MaskedLMHead, tokenizer_file) -> None:
