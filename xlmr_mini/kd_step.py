@@ -10,6 +10,7 @@ import torch
 
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_loss, kd_taps
 from xlmr_mini.model import XLMRClassifier
+from xlmr_mini.vocab import VocabTrim
 
 
 class TrainingError(RuntimeError):
@@ -31,6 +32,7 @@ class StepContext:
     max_grad_norm: float = 1.0
     bf16: bool = False
     loss_fn: object = None
+    vocab: VocabTrim | None = None  # the student's trimmed vocabulary, None when it has the full one
 
 
 def forward_loss(student, proj, input_ids, mask, labels, teacher_out, loss_cfg: KDLossConfig,
