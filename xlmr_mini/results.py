@@ -10,6 +10,7 @@ from xlmr_mini.inference import evaluate
 from xlmr_mini.metrics import METRIC_LABEL, format_table, mean_over_seeds, metric_key, summarize_seeds
 from xlmr_mini.run_dir import write_json
 from xlmr_mini.run_setup import Setup
+from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import TrainConfig
 
 
@@ -22,10 +23,12 @@ def selection(cfg: TrainConfig, setup: Setup) -> dict:
 def finish_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, prog, wall_s: float,
                 precision: str) -> dict:
     best = load_model(out / "best", device=device)
-    final_split = setup.splits["final"]
+    final_split, unk_id = setup.splits["final"], Tokenizer(setup.tokenizer_file).unk_id
     if setup.vocab is not None and best.cfg.vocab_size != setup.vocab.size:  # saved with the full vocabulary
         final_split = setup.vocab.to_full(final_split)
-    final = evaluate(best, final_split, cfg.eval_batch_size, setup.task.unseen, precision == "bf16")
+    elif setup.vocab is not None and unk_id is not None:
+        unk_id = int(setup.vocab.old_to_new[unk_id])
+    final = evaluate(best, final_split, cfg.eval_batch_size, setup.task.unseen, precision == "bf16", unk_id=unk_id)
     results = {
         "seed": seed, "best_step": prog.best_step, "steps": prog.step, "dev_score": prog.best_score,
         **selection(cfg, setup), "final": final,

@@ -64,6 +64,7 @@ def prepare(cfg: TrainConfig, teacher_dir: Path | None = None, arch: XLMRConfig 
     remap = label_ids(task.labels, labels, where)
     final_name, note = final_split(task)
     splits = _encode(cfg, task, Tokenizer(tok), remap, final_name)
+    _check_save_vocab(cfg, Path(tok))
     vocab = None if cfg.no_trim else task_vocab(splits, Path(tok))
     if vocab is not None:
         splits = {name: vocab.to_task(enc) for name, enc in splits.items()}
@@ -99,6 +100,17 @@ def _encode(cfg: TrainConfig, task: TaskData, tok: Tokenizer, remap: np.ndarray,
     parts = {"train": train, "dev": dev, "final": task.splits[final_name]}
     return {name: encode_split(to_model_labels(split, remap), tok, cfg.max_length, cache_dir=cfg.cache_dir)
             for name, split in parts.items()}
+
+
+def _check_save_vocab(cfg: TrainConfig, tokenizer_file: Path) -> None:
+    if cfg.save_vocab != "task":
+        return
+    if cfg.no_trim:
+        raise InputError("--save-vocab task: the model is trimmed as it trains; drop --no-trim")
+    kind = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("model", {}).get("type")
+    if kind != "Unigram":
+        raise InputError(f"--save-vocab task: {tokenizer_file} is a {kind} tokenizer; only Unigram ones (XLM-R's) "
+                         f"can be trimmed")
 
 
 def task_vocab(splits: dict[str, EncodedSplit], tokenizer_file: Path) -> VocabTrim:
