@@ -59,14 +59,45 @@ def shapes(args, student_hidden):
 
 
 def kept_vocab(args) -> np.ndarray:
-    """The task's vocabulary rows: the specials and `--kept` - 4 other ids, sorted (fixed seed)."""
+    """The task's vocabulary rows: with --data, what its texts use (as `train` computes it); else
+    the specials and `--kept` - 4 other ids, sorted (fixed seed)."""
+    if args.data:
+        return real_data(args)[0]
     rng = np.random.default_rng(0)
     others = rng.choice(np.arange(4, args.vocab), size=min(args.kept, args.vocab) - 4, replace=False)
     return np.sort(np.concatenate([np.arange(4), others])).astype(np.int64)
 
 
+def real_data(args):
+    """(kept ids, sampled batches) of a real epoch: tsm's seen-language train split, XLM-R's
+    tokenizer, length-bucketed dynamic padding as `train` batches it; `--sample-batches` batches
+    at evenly spaced positions of the epoch."""
+    from pathlib import Path
+
+    from xlmr_mini.data import encode_split, epoch_batches, load_task, select_languages
+    from xlmr_mini.run_setup import task_vocab
+    from xlmr_mini.tokenizer import Tokenizer
+
+    task = load_task(f"tsm:{args.data}")
+    tok = Tokenizer(args.tokenizer)
+    splits = {name: encode_split(split, tok, 128) for name, split in task.splits.items()}
+    train = encode_split(select_languages(task.splits["train"], "seen", task), tok, 128)
+    batches = epoch_batches(train, args.batch, seed=0, epoch=0, pad_id=tok.pad_id)
+    picks = np.linspace(0, len(batches) - 1, args.sample_batches).round().astype(int)
+    kept = task_vocab(splits, Path(args.tokenizer)).kept
+    return kept, [batches[i] for i in picks], len(train)
+
+
+def workload(args, device):
+    """[(input_ids in the full numbering, mask, labels)]: the sampled real batches, or one
+    synthetic batch with tokens drawn from the kept rows."""
+    if args.data:
+        return [(b["input_ids"].to(device), b["attention_mask"].to(device), (b["labels"] % 3).to(device))
+                for b in real_data(args)[1]]
+    return [batch(args, device)]
+
+
 def batch(args, device):
-    """(input_ids in the full numbering, mask, labels): tokens drawn from the kept rows."""
     g = torch.Generator().manual_seed(0)
     kept = torch.from_numpy(kept_vocab(args))
     ids = kept[torch.randint(4, len(kept), (args.batch, args.seq), generator=g)]
@@ -92,9 +123,9 @@ def transformers_step(args, t, s, device, bf16):
     params = list(student.parameters()) + list(fit_dense.parameters())
     opt = torch.optim.AdamW(params, lr=5e-5)
     divisor = t["layers"] // s["layers"]
-    ids, mask, labels = batch(args, device)
+    data = workload(args, device)
 
-    def step():
+    def one(ids, mask, labels):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
                 to = teacher(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
@@ -107,7 +138,7 @@ def transformers_step(args, t, s, device, bf16):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return lambda: [one(*b) for b in data]
 
 
 def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
@@ -147,11 +178,10 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
                       layer_map=[(i + 1) * divisor - 1 for i in range(s["layers"])], optimizer=opt,
                       scheduler=linear_schedule(opt, 10**6), params=params, bf16=resolved == "bf16",
                       loss_fn=compile_forward_loss() if compiled else None, vocab=vocab)
-    ids, mask, labels = batch(args, device)
-    if vocab is not None:
-        ids = torch.from_numpy(vocab.old_to_new)[ids.cpu()].to(device)
-    data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return (lambda: train_step(ctx, data, device)), resolved
+    table = torch.from_numpy(vocab.old_to_new) if vocab is not None else None
+    data = [{"input_ids": ids if table is None else table[ids.cpu()].to(device), "attention_mask": mask, "labels": labels}
+            for ids, mask, labels in workload(args, device)]
+    return (lambda: [train_step(ctx, b, device) for b in data]), resolved
 
 
 def run_one(args):
@@ -172,24 +202,27 @@ def run_one(args):
         wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
         trimmed = impl != "xlmr_mini-full-vocab"
         step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, compiled=impl.endswith("compiled"))
-        rows = min(args.kept, args.vocab) if trimmed else args.vocab
+        rows = len(kept_vocab(args)) if trimmed else args.vocab
     t0 = time.perf_counter()
     step()  # the first step apart: it includes any compilation
     if device.type == "cuda":
         torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
-    m = measure(impl, step, items=args.batch, warmup=1, repeats=args.repeats, device=device, mem_base_mb=base)
+    items = args.batch * (args.sample_batches if args.data else 1)
+    m = measure(impl, step, items=items, warmup=0 if args.data else 1, repeats=args.repeats, device=device, mem_base_mb=base)
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(json.dumps({"implementation": impl, "student": f"6L/{args.student_hidden}", "seq": args.seq,
                       "batch": args.batch, "samples_per_s": m.rate, "s_per_step": m.median_s,
                       "spread_s": m.spread_s, "peak_mb": m.peak_mem_mb, "first_step_s": first_s,
-                      "precision": precision, "device": device_name, "vocab_rows": rows}))
+                      "precision": precision, "device": device_name, "vocab_rows": rows,
+                      **({"epoch_examples": real_data(args)[2]} if args.data else {})}))
 
 
 def spawn(args, impl, student_hidden, seq):
     cmd = [sys.executable, "-m", "bench.kd_step", "--one", impl, "--student-hidden", str(student_hidden),
            "--seq", str(seq), "--batch", str(args.batch), "--vocab", str(args.vocab), "--repeats", str(args.repeats),
-           "--att-target", args.att_target, "--kept", str(args.kept)] + (["--quick"] if args.quick else [])
+           "--att-target", args.att_target, "--kept", str(args.kept), "--sample-batches", str(args.sample_batches)]
+    cmd += (["--quick"] if args.quick else []) + (["--data", args.data, "--tokenizer", args.tokenizer] if args.data else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -208,6 +241,9 @@ def main(argv=None):
     p.add_argument("--kept", type=int, default=TSM_KEPT, help="vocabulary rows the task uses (xlmr_mini trains on these)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--att-target", default="probs", choices=("scores", "probs"))
+    p.add_argument("--data", help="tweet_sentiment_multilingual directory: time real batches of an epoch instead")
+    p.add_argument("--tokenizer", help="XLM-R tokenizer.json (with --data)")
+    p.add_argument("--sample-batches", type=int, default=4, help="with --data: batches timed per repeat")
     p.add_argument("--json", action="store_true", help="print one JSON object per implementation; record nothing")
     p.add_argument("--quick", action="store_true", help="tiny shapes, prints only")
     p.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
@@ -218,7 +254,9 @@ def main(argv=None):
         args.vocab, args.kept, args.batch, args.seqs, args.repeats = 1000, 300, 4, [16], 1
     if args.one:
         return run_one(args)
-    rows = []
+    if args.data:
+        args.seqs = [0]  # the real batches' own lengths
+    rows, notes = [], []
     for student_hidden in args.students:
         for seq in args.seqs:
             results = {impl: spawn(args, impl, student_hidden, seq) for impl in args.impls}
@@ -229,16 +267,21 @@ def main(argv=None):
                     continue
                 speed = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
                 mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base else "-"
-                rows.append(f"| 6L/{student_hidden} | {seq} | {impl} | {r['precision']} | {r['vocab_rows']:,} "
+                rows.append(f"| 6L/{student_hidden} | {seq or 'tsm (dynamic)'} | {impl} | {r['precision']} | {r['vocab_rows']:,} "
                             f"| {r['s_per_step'] * 1e3:,.0f} ± {r['spread_s'] * 1e3:,.0f} | {r['samples_per_s']:,.2f} "
                             f"| {speed} | {r['peak_mb']:,.0f} | {mem} | {r['first_step_s']:,.1f} |")
                 print(rows[-1], flush=True)
+                if args.data:
+                    notes.append(f"{impl}: est. {r['epoch_examples'] / r['samples_per_s'] / 60:,.1f} min per epoch "
+                                 f"of {r['epoch_examples']:,} tweets (6L/{student_hidden})")
     header = ("| student | seq | implementation | precision | vocabulary rows | ms/step (median ± half-range) "
               "| samples/s | speed vs transformers fp32 | peak MB | memory vs transformers fp32 | first step s |")
     title = (f"KD train step, teacher 12L/768 -> students 6L, vocab {args.vocab:,} (task rows {args.kept:,}), "
              f"batch {args.batch}, attention target {args.att_target}")
+    if args.data:
+        title += f"; real tweets: {args.sample_batches} batches at evenly spaced positions of an epoch"
     if not args.quick and not args.json:
-        append_results(title, header, rows)
+        append_results(title, header, rows, "\n".join(f"- {n}" for n in notes))
 
 
 if __name__ == "__main__":
