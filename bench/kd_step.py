@@ -147,7 +147,9 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
     from xlmr_mini.data import default_cache_dir
     from xlmr_mini.hardware import resolve_precision
     from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
-    from xlmr_mini.kd_step import StepContext, compile_forward_loss, linear_schedule, make_optimizer, train_step
+    from xlmr_mini.kd_step import (
+        StepContext, bf16_frozen_linears, compile_forward_loss, linear_schedule, make_optimizer, train_step,
+    )
     from xlmr_mini.model import XLMRClassifier, init_weights
     from xlmr_mini.vocab import WORD_KEY, VocabTrim, trim_config, trim_state_dict
 
@@ -174,6 +176,8 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
     opt = make_optimizer(params, 5e-5, 0.0)
     divisor = t["layers"] // s["layers"]
     resolved = resolve_precision(precision, device, t["hidden"], default_cache_dir())
+    if resolved == "bf16":
+        bf16_frozen_linears(teacher)  # as run_setup.build_context does
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg,
                       layer_map=[(i + 1) * divisor - 1 for i in range(s["layers"])], optimizer=opt,
                       scheduler=linear_schedule(opt, 10**6), params=params, bf16=resolved == "bf16",

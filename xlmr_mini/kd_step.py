@@ -66,6 +66,16 @@ def _normal_tensors(out):
                                embeddings=None if out.embeddings is None else out.embeddings.clone())
 
 
+def bf16_frozen_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """Store a frozen model's Linear weights and biases in bf16, once. Autocast would cast them
+    to bf16 for every matmul anyway (the same rounding, so the same numbers), but it recasts
+    frozen weights on every forward: a quarter of a bf16 KD step on CPU went to those copies."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
+    return model
+
+
 def teacher_forward(ctx: StepContext, input_ids, mask):
     if ctx.teacher is None or not ctx.loss_cfg.kd:
         return None

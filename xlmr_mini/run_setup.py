@@ -20,7 +20,7 @@ from xlmr_mini.errors import InputError
 from xlmr_mini.hardware import resolve_precision
 from xlmr_mini.inference import final_split, label_ids, to_model_labels
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
-from xlmr_mini.kd_step import StepContext, compile_forward_loss, linear_schedule, make_optimizer
+from xlmr_mini.kd_step import StepContext, bf16_frozen_linears, compile_forward_loss, linear_schedule, make_optimizer
 from xlmr_mini.model import XLMRClassifier
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_EPOCHS, DEMO_LR, PAPER_EPOCHS, PAPER_LR, TrainConfig
@@ -182,11 +182,13 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         proj = HiddenProjection(scfg.hidden_size, teacher.cfg.hidden_size, cfg.hid_proj).to(device)
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, setup.lr, cfg.weight_decay)
+    bf16 = run_precision(cfg, device, scfg, teacher) == "bf16"
+    if bf16 and teacher is not None:
+        bf16_frozen_linears(teacher)
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
                       optimizer=optimizer, params=params,
                       scheduler=linear_schedule(optimizer, total_steps, math.ceil(cfg.warmup_ratio * total_steps)),
-                      max_grad_norm=cfg.max_grad_norm, vocab=vocab,
-                      bf16=run_precision(cfg, device, scfg, teacher) == "bf16")
+                      max_grad_norm=cfg.max_grad_norm, vocab=vocab, bf16=bf16)
     if cfg.compile:
         ctx.loss_fn = compile_forward_loss()
     return ctx
