@@ -9,7 +9,8 @@ size on disk is its model.safetensors. Then, on the same checkpoint:
 - transformers: `XLMRobertaForSequenceClassification.from_pretrained(dir)` (its default SDPA
   attention), fp32, under `torch.inference_mode`;
 - xlmr_mini: `xlmr_mini.checkpoint.load_model(dir)`, fp32 and at `--precision auto` (resolved on
-  this machine), under `torch.inference_mode`.
+  this machine; for bf16 the Linear weights are stored in bf16 once, then bf16 autocast), under
+  `torch.inference_mode`.
 
 Latency: one tweet-sized text (batch 1, 32 tokens), median of repeats. Throughput: batch 32,
 padded to 64 with lengths 32-64, samples/s at the median.
@@ -32,6 +33,7 @@ from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
 from xlmr_mini.data import default_cache_dir
 from xlmr_mini.hardware import resolve_precision
+from xlmr_mini.kd_step import bf16_frozen_linears
 from xlmr_mini.vocab import VocabTrim, trim_config, trim_state_dict
 
 MODELS = {"teacher 12L/768": (12, 768), "student 6L/768": (6, 768), "student 6L/384": (6, 384)}
@@ -105,6 +107,8 @@ def main(argv=None):
             n_vocab = ours.cfg.vocab_size
             results = {("transformers", "fp32"): timings(lambda i, m: hf(input_ids=i, attention_mask=m).logits, n_vocab, False, args)}
             for precision in dict.fromkeys(["fp32", auto]):
+                if precision == "bf16":
+                    bf16_frozen_linears(ours)  # weights cast once, not by autocast on every call
                 results["xlmr_mini", precision] = timings(lambda i, m: ours(i, m).logits, n_vocab, precision == "bf16", args)
             del hf, ours
             base_latency, base_rate = results["transformers", "fp32"]

@@ -125,7 +125,7 @@ def transformers_step(args, t, s, device, bf16):
     divisor = t["layers"] // s["layers"]
     data = workload(args, device)
 
-    def one(ids, mask, labels):
+    def one(ids, mask, labels, bf16):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
                 to = teacher(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
@@ -138,7 +138,10 @@ def transformers_step(args, t, s, device, bf16):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return lambda: [one(*b) for b in data]
+    def step(bf16=bf16):  # the precision can be switched per call: the interleaved timing shares one build
+        return [one(*b, bf16) for b in data]
+
+    return step
 
 
 def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
@@ -188,6 +191,45 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
     return (lambda: [train_step(ctx, b, device) for b in data]), resolved
 
 
+def build(args, impl, t, s, device, shared=None):
+    """(step function, precision, vocabulary rows) of one implementation; `shared` reuses the
+    transformers models for both of its precisions."""
+    if impl.startswith("transformers"):
+        precision = "bf16" if impl.endswith("bf16") else "fp32"
+        if shared is not None:
+            return (lambda: shared(precision == "bf16")), precision, args.vocab
+        return transformers_step(args, t, s, device, precision == "bf16"), precision, args.vocab
+    wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
+    trimmed = impl != "xlmr_mini-full-vocab"
+    step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, compiled=impl.endswith("compiled"))
+    return step, precision, len(kept_vocab(args)) if trimmed else args.vocab
+
+
+def interleaved(args, impls, student_hidden, seq) -> dict:
+    """Median s/step of each implementation, all built in this process and timed in turns (one
+    step each per round, the order rotated): on a shared machine the load changes from minute to
+    minute, and turns expose every implementation to the same load."""
+    import statistics
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.student_hidden, args.seq = student_hidden, seq
+    t, s = shapes(args, student_hidden)
+    torch.manual_seed(0)
+    shared = transformers_step(args, t, s, device, False) if any(i.startswith("transformers") for i in impls) else None
+    steps = {impl: build(args, impl, t, s, device, shared)[0] for impl in impls}
+    for step in steps.values():
+        step()  # warm-up (and compilation)
+    times = {impl: [] for impl in impls}
+    for r in range(args.rounds):
+        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
+            t0 = time.perf_counter()
+            steps[impl]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: (statistics.median(ts), (max(ts) - min(ts)) / 2) for impl, ts in times.items()}
+
+
 def run_one(args):
     """In a child process: build one implementation, time it, print one JSON line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,15 +240,7 @@ def run_one(args):
     else:
         base = rss_mb()
     impl = args.one
-    if impl.startswith("transformers"):
-        precision = "bf16" if impl.endswith("bf16") else "fp32"
-        step = transformers_step(args, t, s, device, precision == "bf16")
-        rows = args.vocab
-    else:
-        wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
-        trimmed = impl != "xlmr_mini-full-vocab"
-        step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, compiled=impl.endswith("compiled"))
-        rows = len(kept_vocab(args)) if trimmed else args.vocab
+    step, precision, rows = build(args, impl, t, s, device)
     t0 = time.perf_counter()
     step()  # the first step apart: it includes any compilation
     if device.type == "cuda":
@@ -243,7 +277,9 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS)
     p.add_argument("--vocab", type=int, default=250002)
     p.add_argument("--kept", type=int, default=TSM_KEPT, help="vocabulary rows the task uses (xlmr_mini trains on these)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per implementation in its own process")
+    p.add_argument("--rounds", type=int, default=0, help="then time all implementations in one process, in turns, "
+                   "this many rounds (the speeds reported; memory and first step stay the per-process ones)")
     p.add_argument("--att-target", default="probs", choices=("scores", "probs"))
     p.add_argument("--data", help="tweet_sentiment_multilingual directory: time real batches of an epoch instead")
     p.add_argument("--tokenizer", help="XLM-R tokenizer.json (with --data)")
@@ -264,6 +300,11 @@ def main(argv=None):
     for student_hidden in args.students:
         for seq in args.seqs:
             results = {impl: spawn(args, impl, student_hidden, seq) for impl in args.impls}
+            if args.rounds:
+                items = args.batch * (args.sample_batches if args.data else 1)
+                for impl, (median_s, spread_s) in interleaved(args, list(args.impls), student_hidden, seq).items():
+                    results[impl].update(s_per_step=median_s, spread_s=spread_s, samples_per_s=items / median_s,
+                                         timing="interleaved")
             base = results.get("transformers")
             for impl, r in results.items():
                 if args.json:
