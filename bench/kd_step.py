@@ -4,15 +4,21 @@ One step = teacher forward (no grad) + student forward/backward + TinyBERT loss 
 clipping + AdamW, at the paper's shapes: teacher 12L/768 (12 heads, 3072), students 6L/768 and
 6L/384 (12 heads, 1536), vocabulary 250,002, batch 32 with padding (lengths T/2..T), T 64 and 128.
 
-- transformers: both models `XLMRobertaForSequenceClassification` with eager attention and
-  `output_attentions` / `output_hidden_states` (all 12 teacher layers' maps materialized), the
-  loss summed in Python over the mapped layers (attention probabilities, which is what
-  transformers returns; hidden states through fit_dense; embeddings; logits MSE; cross-entropy),
-  `torch.optim.AdamW` as people usually create it.
-- xlmr_mini: `xlmr_mini.train.train_step` set up as `train` does (teacher taps only its mapped
-  layers; the fused kernels on CUDA, the PyTorch reference on CPU; fused AdamW), eager and with `--compile`'s compiled
-  forward+loss. The attention target is set with --att-target (default probs, the same target
-  as the transformers step).
+Implementations (`--impls`):
+
+- transformers, transformers-bf16: both models `XLMRobertaForSequenceClassification` with eager
+  attention and `output_attentions` / `output_hidden_states` (all 12 teacher layers' maps
+  materialized), the loss summed in Python over the mapped layers (attention probabilities,
+  which is what transformers returns; hidden states through fit_dense; embeddings; logits MSE;
+  cross-entropy), `torch.optim.AdamW` as people usually create it; fp32, or everything under
+  bf16 autocast.
+- xlmr_mini: the project's default, as `python -m xlmr_mini.train` sets it up: the student and
+  teacher on the task's vocabulary rows (`--kept` of them, default 34,855: what tweet_sentiment_
+  multilingual's texts use; the batch draws its tokens from them), `--precision auto` resolved on
+  this machine, the initial full embedding rows held for writing the full-vocabulary model.
+- xlmr_mini-fp32, xlmr_mini-bf16: the same with the precision pinned.
+- xlmr_mini-full-vocab: fp32 on the whole 250,002-row table (`--no-trim`).
+- xlmr_mini-compiled: the default with `--compile`'s compiled forward+loss.
 
 Each implementation runs in its own process so that peak memory is its own: the peak during the
 timed steps of everything the process holds (weights, optimizer state, activations) above the
@@ -20,8 +26,9 @@ process's size before the models were built. On CPU the process runs with a low
 MALLOC_MMAP_THRESHOLD_, so freed tensors leave the resident set and the sampled RSS follows
 live memory.
 
-    python -m bench.kd_step                # full run, appends to bench/RESULTS.md
-    python -m bench.kd_step --quick        # tiny shapes, prints only
+    python -m bench.kd_step                       # full run, appends to bench/RESULTS.md
+    python -m bench.kd_step --json                # one JSON object per implementation, nothing recorded
+    python -m bench.kd_step --quick               # tiny shapes, prints only
 """
 import argparse
 import json
@@ -30,12 +37,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bench.harness import append_results, measure, rss_mb
 
-IMPLS = ("transformers", "xlmr_mini", "xlmr_mini-compiled")
+IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16",
+         "xlmr_mini-full-vocab", "xlmr_mini-compiled")
+DEFAULT_IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16")
+TSM_KEPT = 34_855  # distinct XLM-R pieces over every tweet_sentiment_multilingual split, plus specials
 
 
 def shapes(args, student_hidden):
@@ -47,17 +58,58 @@ def shapes(args, student_hidden):
     return t, s
 
 
+def kept_vocab(args) -> np.ndarray:
+    """The task's vocabulary rows: with --data, what its texts use (as `train` computes it); else
+    the specials and `--kept` - 4 other ids, sorted (fixed seed)."""
+    if args.data:
+        return real_data(args)[0]
+    rng = np.random.default_rng(0)
+    others = rng.choice(np.arange(4, args.vocab), size=min(args.kept, args.vocab) - 4, replace=False)
+    return np.sort(np.concatenate([np.arange(4), others])).astype(np.int64)
+
+
+def real_data(args):
+    """(kept ids, sampled batches) of a real epoch: tsm's seen-language train split, XLM-R's
+    tokenizer, length-bucketed dynamic padding as `train` batches it; `--sample-batches` batches
+    at evenly spaced positions of the epoch."""
+    from pathlib import Path
+
+    from xlmr_mini.data import encode_split, epoch_batches, load_task, select_languages
+    from xlmr_mini.run_setup import task_vocab
+    from xlmr_mini.tokenizer import Tokenizer
+
+    task = load_task(f"tsm:{args.data}")
+    tok = Tokenizer(args.tokenizer)
+    splits = {name: encode_split(split, tok, 128) for name, split in task.splits.items()}
+    train = encode_split(select_languages(task.splits["train"], "seen", task), tok, 128)
+    batches = epoch_batches(train, args.batch, seed=0, epoch=0, pad_id=tok.pad_id)
+    picks = np.linspace(0, len(batches) - 1, args.sample_batches).round().astype(int)
+    kept = task_vocab(splits, Path(args.tokenizer)).kept
+    return kept, [batches[i] for i in picks], len(train)
+
+
+def workload(args, device):
+    """[(input_ids in the full numbering, mask, labels)]: the sampled real batches, or one
+    synthetic batch with tokens drawn from the kept rows."""
+    if args.data:
+        return [(b["input_ids"].to(device), b["attention_mask"].to(device), (b["labels"] % 3).to(device))
+                for b in real_data(args)[1]]
+    return [batch(args, device)]
+
+
 def batch(args, device):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g)
+    kept = torch.from_numpy(kept_vocab(args))
+    ids = kept[torch.randint(4, len(kept), (args.batch, args.seq), generator=g)]
     lengths = torch.randint(args.seq // 2, args.seq + 1, (args.batch,), generator=g)
     mask = (torch.arange(args.seq)[None, :] < lengths[:, None]).long()
+    ids[:, 0] = 0
     ids[mask == 0] = 1
     labels = torch.randint(0, 3, (args.batch,), generator=g)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def transformers_step(args, t, s, device):
+def transformers_step(args, t, s, device, bf16):
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
     def model(c):
@@ -71,10 +123,10 @@ def transformers_step(args, t, s, device):
     params = list(student.parameters()) + list(fit_dense.parameters())
     opt = torch.optim.AdamW(params, lr=5e-5)
     divisor = t["layers"] // s["layers"]
-    ids, mask, labels = batch(args, device)
+    data = workload(args, device)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+    def one(ids, mask, labels, bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
                 to = teacher(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
             so = student(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
@@ -86,35 +138,96 @@ def transformers_step(args, t, s, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def step(bf16=bf16):  # the precision can be switched per call: the interleaved timing shares one build
+        return [one(*b, bf16) for b in data]
+
     return step
 
 
-def xlmr_mini_step(args, t, s, device, compiled):
+def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
+    from xlmr_mini.checkpoint import build_model, hf_state_dict
     from xlmr_mini.config import XLMRConfig
+    from xlmr_mini.data import default_cache_dir
+    from xlmr_mini.hardware import resolve_precision
     from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
+    from xlmr_mini.kd_step import (
+        StepContext, bf16_frozen_linears, compile_forward_loss, linear_schedule, make_optimizer, train_step,
+    )
     from xlmr_mini.model import XLMRClassifier, init_weights
-    from xlmr_mini.kd_step import StepContext, compile_forward_loss, linear_schedule, make_optimizer, train_step
+    from xlmr_mini.vocab import WORD_KEY, VocabTrim, trim_config, trim_state_dict
+
+    vocab = VocabTrim(kept=kept_vocab(args), full_size=args.vocab) if trimmed else None
 
     def model(c):
         cfg = XLMRConfig(vocab_size=args.vocab, hidden_size=c["hidden"], num_hidden_layers=c["layers"],
                          num_attention_heads=c["heads"], intermediate_size=c["inter"], id2label=("a", "b", "c"))
         m = XLMRClassifier(cfg)
         init_weights(m, cfg.initializer_range)
-        return m.to(device)
+        if vocab is None:
+            return m.to(device), None
+        state = hf_state_dict(m)  # as run_setup does: the full rows kept aside, the model on the task's rows
+        return build_model(trim_config(cfg, vocab), trim_state_dict(state, vocab), device=device), state[WORD_KEY]
 
-    teacher, student = model(t).eval(), model(s).train()
+    (teacher, _), (student, initial_rows) = model(t), model(s)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    if vocab is not None:
+        vocab = VocabTrim(kept=vocab.kept, full_size=args.vocab, initial_rows=initial_rows)
     proj = HiddenProjection(s["hidden"], t["hidden"], "linear").to(device)
     loss_cfg = KDLossConfig(att_target=args.att_target, impl="fused" if device.type == "cuda" else "reference")
     params = list(student.parameters()) + list(proj.parameters())
     opt = make_optimizer(params, 5e-5, 0.0)
     divisor = t["layers"] // s["layers"]
+    resolved = resolve_precision(precision, device, t["hidden"], default_cache_dir())
+    if resolved == "bf16":
+        bf16_frozen_linears(teacher)  # as run_setup.build_context does
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg,
                       layer_map=[(i + 1) * divisor - 1 for i in range(s["layers"])], optimizer=opt,
-                      scheduler=linear_schedule(opt, 10**6), params=params, bf16=args.bf16,
-                      loss_fn=compile_forward_loss() if compiled else None)
-    ids, mask, labels = batch(args, device)
-    data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return lambda: train_step(ctx, data, device)
+                      scheduler=linear_schedule(opt, 10**6), params=params, bf16=resolved == "bf16",
+                      loss_fn=compile_forward_loss() if compiled else None, vocab=vocab)
+    table = torch.from_numpy(vocab.old_to_new) if vocab is not None else None
+    data = [{"input_ids": ids if table is None else table[ids.cpu()].to(device), "attention_mask": mask, "labels": labels}
+            for ids, mask, labels in workload(args, device)]
+    return (lambda: [train_step(ctx, b, device) for b in data]), resolved
+
+
+def build(args, impl, t, s, device, shared=None):
+    """(step function, precision, vocabulary rows) of one implementation; `shared` reuses the
+    transformers models for both of its precisions."""
+    if impl.startswith("transformers"):
+        precision = "bf16" if impl.endswith("bf16") else "fp32"
+        if shared is not None:
+            return (lambda: shared(precision == "bf16")), precision, args.vocab
+        return transformers_step(args, t, s, device, precision == "bf16"), precision, args.vocab
+    wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
+    trimmed = impl != "xlmr_mini-full-vocab"
+    step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, compiled=impl.endswith("compiled"))
+    return step, precision, len(kept_vocab(args)) if trimmed else args.vocab
+
+
+def interleaved(args, impls, student_hidden, seq) -> dict:
+    """Median s/step of each implementation, all built in this process and timed in turns (one
+    step each per round, the order rotated): on a shared machine the load changes from minute to
+    minute, and turns expose every implementation to the same load."""
+    import statistics
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.student_hidden, args.seq = student_hidden, seq
+    t, s = shapes(args, student_hidden)
+    torch.manual_seed(0)
+    shared = transformers_step(args, t, s, device, False) if any(i.startswith("transformers") for i in impls) else None
+    steps = {impl: build(args, impl, t, s, device, shared)[0] for impl in impls}
+    for step in steps.values():
+        step()  # warm-up (and compilation)
+    times = {impl: [] for impl in impls}
+    for r in range(args.rounds):
+        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
+            t0 = time.perf_counter()
+            steps[impl]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: (statistics.median(ts), (max(ts) - min(ts)) / 2) for impl, ts in times.items()}
 
 
 def run_one(args):
@@ -126,23 +239,28 @@ def run_one(args):
         base = torch.cuda.memory_allocated(device) / 2**20
     else:
         base = rss_mb()
-    if args.one == "transformers":
-        step = transformers_step(args, t, s, device)
-    else:
-        step = xlmr_mini_step(args, t, s, device, compiled=args.one.endswith("compiled"))
+    impl = args.one
+    step, precision, rows = build(args, impl, t, s, device)
     t0 = time.perf_counter()
     step()  # the first step apart: it includes any compilation
     if device.type == "cuda":
         torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
-    m = measure(args.one, step, items=args.batch, warmup=1, repeats=args.repeats, device=device, mem_base_mb=base)
-    print(json.dumps(dict(median_s=m.median_s, spread_s=m.spread_s, rate=m.rate, peak_mb=m.peak_mem_mb, first_s=first_s)))
+    items = args.batch * (args.sample_batches if args.data else 1)
+    m = measure(impl, step, items=items, warmup=0 if args.data else 1, repeats=args.repeats, device=device, mem_base_mb=base)
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(json.dumps({"implementation": impl, "student": f"6L/{args.student_hidden}", "seq": args.seq,
+                      "batch": args.batch, "samples_per_s": m.rate, "s_per_step": m.median_s,
+                      "spread_s": m.spread_s, "peak_mb": m.peak_mem_mb, "first_step_s": first_s,
+                      "precision": precision, "device": device_name, "vocab_rows": rows,
+                      **({"epoch_examples": real_data(args)[2]} if args.data else {})}))
 
 
 def spawn(args, impl, student_hidden, seq):
     cmd = [sys.executable, "-m", "bench.kd_step", "--one", impl, "--student-hidden", str(student_hidden),
            "--seq", str(seq), "--batch", str(args.batch), "--vocab", str(args.vocab), "--repeats", str(args.repeats),
-           "--att-target", args.att_target] + (["--bf16"] if args.bf16 else []) + (["--quick"] if args.quick else [])
+           "--att-target", args.att_target, "--kept", str(args.kept), "--sample-batches", str(args.sample_batches)]
+    cmd += (["--quick"] if args.quick else []) + (["--data", args.data, "--tokenizer", args.tokenizer] if args.data else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -156,37 +274,59 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seqs", type=int, nargs="+", default=[64, 128])
     p.add_argument("--students", type=int, nargs="+", default=[768, 384], help="student hidden sizes")
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS)
     p.add_argument("--vocab", type=int, default=250002)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kept", type=int, default=TSM_KEPT, help="vocabulary rows the task uses (xlmr_mini trains on these)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per implementation in its own process")
+    p.add_argument("--rounds", type=int, default=0, help="then time all implementations in one process, in turns, "
+                   "this many rounds (the speeds reported; memory and first step stay the per-process ones)")
     p.add_argument("--att-target", default="probs", choices=("scores", "probs"))
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    p.add_argument("--data", help="tweet_sentiment_multilingual directory: time real batches of an epoch instead")
+    p.add_argument("--tokenizer", help="XLM-R tokenizer.json (with --data)")
+    p.add_argument("--sample-batches", type=int, default=4, help="with --data: batches timed per repeat")
+    p.add_argument("--json", action="store_true", help="print one JSON object per implementation; record nothing")
     p.add_argument("--quick", action="store_true", help="tiny shapes, prints only")
     p.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--student-hidden", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.vocab, args.batch, args.seqs, args.repeats = 1000, 4, [16], 1
+        args.vocab, args.kept, args.batch, args.seqs, args.repeats = 1000, 300, 4, [16], 1
     if args.one:
         return run_one(args)
-    rows = []
+    if args.data:
+        args.seqs = [0]  # the real batches' own lengths
+    rows, notes = [], []
     for student_hidden in args.students:
         for seq in args.seqs:
             results = {impl: spawn(args, impl, student_hidden, seq) for impl in args.impls}
+            if args.rounds:
+                items = args.batch * (args.sample_batches if args.data else 1)
+                for impl, (median_s, spread_s) in interleaved(args, list(args.impls), student_hidden, seq).items():
+                    results[impl].update(s_per_step=median_s, spread_s=spread_s, samples_per_s=items / median_s,
+                                         timing="interleaved")
             base = results.get("transformers")
             for impl, r in results.items():
-                speed = f"{r['rate'] / base['rate']:.2f}x" if base else "-"
+                if args.json:
+                    print(json.dumps(r), flush=True)
+                    continue
+                speed = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
                 mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base else "-"
-                rows.append(f"| 6L/{student_hidden} | {seq} | {impl} | {r['median_s'] * 1e3:,.0f} ± {r['spread_s'] * 1e3:,.0f} "
-                            f"| {r['rate']:,.2f} | {speed} | {r['peak_mb']:,.0f} | {mem} | {r['first_s']:,.1f} |")
+                rows.append(f"| 6L/{student_hidden} | {seq or 'tsm (dynamic)'} | {impl} | {r['precision']} | {r['vocab_rows']:,} "
+                            f"| {r['s_per_step'] * 1e3:,.0f} ± {r['spread_s'] * 1e3:,.0f} | {r['samples_per_s']:,.2f} "
+                            f"| {speed} | {r['peak_mb']:,.0f} | {mem} | {r['first_step_s']:,.1f} |")
                 print(rows[-1], flush=True)
-    header = ("| student | seq | implementation | ms/step (median ± half-range) | samples/s | speed vs transformers "
-              "| peak MB | memory vs transformers | first step s (incl. compile) |")
-    title = (f"KD train step, teacher 12L/768 -> students 6L, vocab {args.vocab:,}, batch {args.batch}, "
-             f"{'bf16 autocast' if args.bf16 else 'fp32'}, attention target {args.att_target}")
-    if not args.quick:
-        append_results(title, header, rows)
+                if args.data:
+                    notes.append(f"{impl}: est. {r['epoch_examples'] / r['samples_per_s'] / 60:,.1f} min per epoch "
+                                 f"of {r['epoch_examples']:,} tweets (6L/{student_hidden})")
+    header = ("| student | seq | implementation | precision | vocabulary rows | ms/step (median ± half-range) "
+              "| samples/s | speed vs transformers fp32 | peak MB | memory vs transformers fp32 | first step s |")
+    title = (f"KD train step, teacher 12L/768 -> students 6L, vocab {args.vocab:,} (task rows {args.kept:,}), "
+             f"batch {args.batch}, attention target {args.att_target}")
+    if args.data:
+        title += f"; real tweets: {args.sample_batches} batches at evenly spaced positions of an epoch"
+    if not args.quick and not args.json:
+        append_results(title, header, rows, "\n".join(f"- {n}" for n in notes))
 
 
 if __name__ == "__main__":

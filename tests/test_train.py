@@ -18,7 +18,7 @@ from xlmr_mini.model import XLMRClassifier, init_weights
 from xlmr_mini.demo_models import demo_architecture
 from xlmr_mini.kd_step import compile_forward_loss, forward_loss
 from xlmr_mini.train import main, train
-from xlmr_mini.train_config import TrainConfig
+from xlmr_mini.train_config import DEMO_LR, TrainConfig
 
 TSM = SHARED / "data" / "tweet_sentiment_multilingual"
 XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
@@ -351,3 +351,42 @@ def test_trainer_defaults_are_transformers_defaults(tmp_path):
         for _ in range(12):
             assert mine.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], abs=1e-15)
             mine.step(), theirs.step(), a.step(), b.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary trimming and precision
+# ---------------------------------------------------------------------------------------------
+def _word_rows(path: Path) -> torch.Tensor:
+    return load_file(path / "model.safetensors")["roberta.embeddings.word_embeddings.weight"]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1.0])
+def test_trimmed_vocabulary_run_equals_the_full_one(weight_decay, demo_teacher, cache, tmp_path):
+    """Training on the task's rows is the same run as on the whole table: same loss curve, same
+    scores, same saved model; rows never trained stay where they started (times the weight
+    decay's product when there is one)."""
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "10",
+              "--eval-steps", "5", "--cache-dir", str(cache), "--num-threads", "1", "--precision", "fp32",
+              "--weight-decay", str(weight_decay)]
+    trimmed = main(common + ["--out", str(tmp_path / "trimmed")])
+    full = main(common + ["--out", str(tmp_path / "full"), "--no-trim"])
+    vocab = XLMRConfig.from_hf(demo_teacher).vocab_size
+    assert full["trained_vocab"] is None and trimmed["trained_vocab"] < vocab
+    assert trimmed["student"]["vocab"] == full["student"]["vocab"] == vocab
+    losses = [[r["loss"] for r in _records(tmp_path / name) if r["type"] == "train"] for name in ("trimmed", "full")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+    for key in ("micro_f1", "macro_f1"):
+        assert trimmed["final"]["overall"][key] == pytest.approx(full["final"]["overall"][key], abs=1e-9)
+    a, b = (load_file(tmp_path / name / "best" / "model.safetensors") for name in ("trimmed", "full"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    start, rows = _word_rows(demo_teacher), _word_rows(tmp_path / "trimmed" / "best")
+    unchanged = (rows == start).all(dim=1)
+    if weight_decay == 0.0:
+        assert int(unchanged.sum()) >= vocab - trimmed["trained_vocab"]  # bit-equal, not merely close
+    else:  # AdamW shrank every untouched row by the product of (1 - lr_t * wd) up to the best step
+        logged = [r["lr"] for r in _records(tmp_path / "trimmed") if r["type"] == "train"]
+        used = [DEMO_LR] + logged[:-1]  # the lr a step used is the one logged after the step before
+        scale = math.prod(1.0 - lr * weight_decay for lr in used[: trimmed["best_step"]])
+        shrunk = torch.isclose(rows, start * scale, rtol=1e-6, atol=0).all(dim=1) & (rows != start).any(dim=1)
+        assert scale < 0.999 and int(shrunk.sum()) >= vocab - trimmed["trained_vocab"]

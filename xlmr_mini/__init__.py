@@ -5,18 +5,20 @@ Module map. Three layers; a module imports only from its own layer or the layers
 
 - core: `config` (architecture sizes), `model` (the encoder), `checkpoint` (HF directories in and
   out), `tokenizer`, `errors` (one-line bad-input errors, exit 2), `files` (atomic writes),
-  `hardware` (devices).
+  `hardware` (devices, the precision that fits them).
 - library: `copy_weights` (student initialization by weight copy), `kd_loss` (the TinyBERT loss,
   the one reference), `kernels` (its fused Triton kernels), `data` (datasets, partitions,
   batching, the demo task), `metrics` (micro- and macro-F1), `inference` (scoring a model on a
   split), `kd_step` (one KD optimizer step), `progress` (the progress bar), `distributed`
-  (torchrun and DDP: process group, batch shares, gathered evaluation, rank-0 writes).
+  (torchrun and DDP: process group, batch shares, gathered evaluation, rank-0 writes), `vocab`
+  (exact vocabulary trimming: kept ids, remapping, trimmed state dicts and tokenizers).
 - applications: `train` (the CLI and the loop) with its parts `train_config` (flags),
   `run_setup` (data, models, step context), `run_dir` (checkpoints, metrics.jsonl, out-dir
   claims), `results` (scores and summaries) and `demo_models` (the demo's teacher and base);
-  `evaluate`, `check`; `study` (the paper's tables and figures in one command) with
-  `study_plan` (which runs), `study_estimate` (step rates) and `study_report` (tables, figures);
-  and the benchmarks in `bench/`.
+  `evaluate`, `check`, `trim` (a saved model and its tokenizer trimmed to a dataset's tokens);
+  `study` (the paper's tables and figures in one command) with `study_plan` (which runs),
+  `study_estimate` (step rates) and `study_report` (tables, figures); and the benchmarks in
+  `bench/`.
 
 `kernels/` and `data/` sit at the top of the source tree and install as `xlmr_mini.kernels` and
 `xlmr_mini.data` (setup.py's package_dir; an editable install maps them the same way).
@@ -25,7 +27,7 @@ Module map. Three layers; a module imports only from its own layer or the layers
 LAYERS = {
     "core": ("config", "model", "checkpoint", "tokenizer", "errors", "files", "hardware"),
     "library": ("copy_weights", "kd_loss", "kernels", "data", "metrics", "inference", "kd_step", "progress",
-                "distributed"),
+                "distributed", "vocab"),
     "application": ("train", "train_config", "run_setup", "run_dir", "results", "demo_models", "evaluate", "check",
-                    "study", "study_plan", "study_estimate", "study_report", "bench"),
+                    "trim", "study", "study_plan", "study_estimate", "study_report", "bench"),
 }

@@ -54,7 +54,7 @@ def demo_teacher(cfg: TrainConfig, train: Callable[..., dict]) -> Path:
                        no_kd=True, seeds=(seed,),
                        batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device,
                        cache_dir=cfg.cache_dir, out=str(final.with_name(final.name + ".work")), overwrite=True,
-                       bf16=cfg.bf16)
+                       precision=cfg.precision)
     task = load_task("demo", cache_dir=cfg.cache_dir)
     arch = demo_architecture(task)
     results = train(tcfg, arch=arch, quiet=True)

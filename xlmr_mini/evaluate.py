@@ -77,8 +77,9 @@ def main(argv=None) -> dict:
     split_name, note = final_split(task, args.split)
     split = select_languages(task.splits[split_name], args.langs, task)
     split = to_model_labels(split, label_ids(task.labels, model.cfg.id2label, what))
-    enc = encode_split(split, Tokenizer(tok_file), args.max_length, cache_dir=args.cache_dir)
-    scores = evaluate(model, enc, args.batch_size, task.unseen, args.bf16)
+    tokenizer = Tokenizer(tok_file)
+    enc = encode_split(split, tokenizer, args.max_length, cache_dir=args.cache_dir)
+    scores = evaluate(model, enc, args.batch_size, task.unseen, args.bf16, unk_id=tokenizer.unk_id)
     title = f"{split_name} split of {task.source}: micro-F1 and macro-F1 per language ({what})"
     print(format_table(scores, task.unseen, title))
     if note:
@@ -88,7 +89,8 @@ def main(argv=None) -> dict:
         atomic_write(args.json, json.dumps(record, indent=1) + "\n")
     o = scores["overall"]
     print(f"{split_name}: micro-F1 {100 * o['micro_f1']:.2f}%, macro-F1 {100 * o['macro_f1']:.2f}% on {o['n']} examples, "
-          f"{len(scores['languages'])} languages")
+          f"{len(scores['languages'])} languages" + ("" if o.get("unk_rate") is None else
+                                                      f"; <unk> {100 * o['unk_rate']:.2f}% of the pieces"))
     return scores
 
 

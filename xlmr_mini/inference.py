@@ -13,6 +13,7 @@ from xlmr_mini.data import Split, TaskData, epoch_batches
 from xlmr_mini.errors import InputError
 from xlmr_mini.metrics import score_by_language
 from xlmr_mini.model import XLMRClassifier
+from xlmr_mini.vocab import unk_rates
 
 
 def label_ids(task_labels: tuple[str, ...], model_labels: tuple[str, ...], where: str) -> np.ndarray:
@@ -53,11 +54,19 @@ def predict(model: XLMRClassifier, enc, batch_size: int = 64, bf16: bool = False
 
 
 def evaluate(model: XLMRClassifier, enc, batch_size: int = 64, unseen: frozenset[str] = frozenset(),
-             bf16: bool = False) -> dict:
+             bf16: bool = False, unk_id: int | None = None) -> dict:
     """Per-language, partition and overall micro- and macro-F1 of `model` on an encoded split
-    (labels already in the model's numbering); see `metrics.score_by_language`."""
+    (labels already in the model's numbering); see `metrics.score_by_language`. With `unk_id`,
+    the overall and per-language rows also give `unk_rate`, the share of <unk> among the pieces
+    (a trimmed tokenizer maps pieces it lacks to smaller ones or <unk>)."""
     preds = predict(model, enc, batch_size, bf16)
-    return score_by_language(enc.labels, preds, enc.langs, unseen)
+    scores = score_by_language(enc.labels, preds, enc.langs, unseen)
+    if unk_id is not None:
+        overall, per_language = unk_rates(enc, unk_id)
+        scores["overall"]["unk_rate"] = overall
+        for lang, rate in per_language.items():
+            scores["languages"][lang]["unk_rate"] = rate
+    return scores
 
 
 def final_split(task: TaskData, wanted: str | None = None) -> tuple[str, str]:

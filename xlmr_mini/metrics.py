@@ -88,12 +88,14 @@ def format_table(scores: dict, unseen: frozenset[str] = frozenset(), title: str 
     languages) and the overall row; micro-F1 (the paper's F1, = accuracy) and macro-F1."""
     langs = list(scores["languages"])
     width = max([len(x) for x in langs] + [len("unseen (mean of 99 langs)"), len("language")])
-    head = f"{'language':<{width}}  {'micro-F1':>8}  {'macro-F1':>8}  {'n':>6}"
+    head = f"{'language':<{width}}  {'micro-F1':>8}  {'macro-F1':>8}  {'n':>6}" + (
+        f"  {'<unk>':>7}" if "unk_rate" in scores["overall"] else "")
     lines = ([title] if title else []) + [head, "-" * len(head)]
 
     def line(name, row):
         n = row["n"] if "n" in row else ""
-        return f"{name:<{width}}  {100 * row['micro_f1']:>7.2f}%  {100 * row['macro_f1']:>7.2f}%  {n:>6}"
+        unk = f"  {100 * row['unk_rate']:>6.2f}%" if "unk_rate" in row else ""
+        return f"{name:<{width}}  {100 * row['micro_f1']:>7.2f}%  {100 * row['macro_f1']:>7.2f}%  {n:>6}{unk}"
 
     for lang in langs:
         lines.append(line(lang + (" *" if lang in unseen else ""), scores["languages"][lang]))

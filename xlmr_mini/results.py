@@ -11,6 +11,7 @@ from xlmr_mini.inference import evaluate
 from xlmr_mini.metrics import METRIC_LABEL, format_table, mean_over_seeds, metric_key, summarize_seeds
 from xlmr_mini.run_dir import write_json
 from xlmr_mini.run_setup import Setup
+from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import TrainConfig
 
 
@@ -20,15 +21,23 @@ def selection(cfg: TrainConfig, setup: Setup) -> dict:
             "reported_split": setup.final_name, "note": setup.final_note}
 
 
-def finish_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, prog, wall_s: float) -> dict:
+def finish_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, prog, wall_s: float,
+                precision: str) -> dict:
     best = load_model(out / "best", device=device)
-    final = evaluate(best, setup.splits["final"], cfg.eval_batch_size, setup.task.unseen, cfg.bf16)
+    final_split, unk_id = setup.splits["final"], Tokenizer(setup.tokenizer_file).unk_id
+    if setup.vocab is not None and best.cfg.vocab_size != setup.vocab.size:  # saved with the full vocabulary
+        final_split = setup.vocab.to_full(final_split)
+    elif setup.vocab is not None and unk_id is not None:
+        unk_id = int(setup.vocab.old_to_new[unk_id])
+    final = evaluate(best, final_split, cfg.eval_batch_size, setup.task.unseen, precision == "bf16", unk_id=unk_id)
     results = {
         "seed": seed, "best_step": prog.best_step, "steps": prog.step, "dev_score": prog.best_score,
         **selection(cfg, setup), "final": final,
         "student": {"layers": best.cfg.num_hidden_layers, "hidden": best.cfg.hidden_size,
                     "heads": best.cfg.num_attention_heads,
-                    "parameters": sum(p.numel() for p in best.parameters())},
+                    "parameters": sum(p.numel() for p in best.parameters()),
+                    "vocab": best.cfg.vocab_size},
+        "trained_vocab": setup.vocab.size if setup.vocab is not None else None, "precision": precision,
         "teacher": str(setup.teacher_dir) if setup.teacher_dir else None,
         "wall_s": round(wall_s, 1), "config": dataclasses.asdict(cfg),
     }
@@ -69,6 +78,7 @@ def _summarize(cfg: TrainConfig, setup: Setup, out: Path, runs: list[dict]) -> d
         "final_micro_f1": summarize_seeds([r["final"]["overall"]["micro_f1"] for r in runs]),
         "final_macro_f1": summarize_seeds([r["final"]["overall"]["macro_f1"] for r in runs]),
         "final": mean_over_seeds([r["final"] for r in runs]), "runs": [f"seed-{r['seed']}" for r in runs],
+        "precision": sorted({r.get("precision", "fp32") for r in runs}),
         "config": dataclasses.asdict(cfg),
     }
     distributed.on_main(write_json, out / "results.json", summary)
@@ -84,12 +94,13 @@ def _summary_line(cfg: TrainConfig, setup: Setup, out: Path, runs: list[dict], r
         return (f"{what}, {r['student']['layers']} layers x {r['student']['hidden']}: best {metric} on {on} "
                 f"{100 * r['dev_score']:.2f}% at step {r['best_step']}/{r['steps']}; {name} micro-F1 "
                 f"{100 * o['micro_f1']:.2f}%, macro-F1 {100 * o['macro_f1']:.2f}%{_unseen(r['final'])}; "
-                f"{r['wall_s']:.0f}s; wrote {out}")
+                f"{r.get('precision', 'fp32')}; {r['wall_s']:.0f}s; wrote {out}")
     s = result
     return (f"{what}, {len(runs)} seeds: {name} micro-F1 {100 * s['final_micro_f1']['mean']:.2f}% "
             f"+- {100 * s['final_micro_f1']['std']:.2f}, macro-F1 {100 * s['final_macro_f1']['mean']:.2f}% "
             f"+- {100 * s['final_macro_f1']['std']:.2f}{_unseen(s['final'])}; best {metric} on {on} "
-            f"{100 * s['dev_score']['mean']:.2f}% +- {100 * s['dev_score']['std']:.2f}; wrote {out}")
+            f"{100 * s['dev_score']['mean']:.2f}% +- {100 * s['dev_score']['std']:.2f}; {'/'.join(s['precision'])}; "
+            f"wrote {out}")
 
 
 def _unseen(scores: dict) -> str:

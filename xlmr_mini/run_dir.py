@@ -15,13 +15,16 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from xlmr_mini.checkpoint import hf_state_dict, save_hf
 from xlmr_mini.errors import InputError
 from xlmr_mini.files import atomic_write
 from xlmr_mini.kd_step import StepContext
 from xlmr_mini.train_config import TrainConfig
+from xlmr_mini.vocab import expand_state_dict, full_config, trim_tokenizer
 
 
 def write_json(path: Path, obj) -> None:
@@ -79,6 +82,8 @@ def save_checkpoint(path: Path, ctx: StepContext, progress: dict, rng: list[dict
     tensors = {f"student.{k}": v.detach().contiguous().cpu() for k, v in ctx.student.state_dict().items()}
     if ctx.proj is not None:
         tensors.update({f"proj.{k}": v.detach().contiguous().cpu() for k, v in ctx.proj.state_dict().items()})
+    if ctx.vocab is not None:
+        tensors["vocab.kept"] = torch.from_numpy(ctx.vocab.kept)
     save_file(tensors, str(tmp / "model.safetensors"))
     torch.save({"optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(), "rng": rng[0],
                 "rank_rng": rng}, tmp / "training_state.pt")
@@ -100,6 +105,9 @@ def load_checkpoint(path: Path, ctx: StepContext, device, rank: int = 0, world_s
             raise InputError(f"--resume: {path} is not a complete checkpoint")
         path = old
     tensors = load_file(str(path / "model.safetensors"), device=str(device))
+    kept = tensors.pop("vocab.kept", None)
+    if (kept is None) != (ctx.vocab is None) or (kept is not None and not np.array_equal(kept.cpu().numpy(), ctx.vocab.kept)):
+        raise InputError(f"--resume: {path} was trained on another vocabulary (the data, tokenizer or --no-trim changed)")
     ctx.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
     if ctx.proj is not None:
         ctx.proj.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
@@ -112,6 +120,21 @@ def load_checkpoint(path: Path, ctx: StepContext, device, rank: int = 0, world_s
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / "progress.json").read_text(encoding="utf-8"))
+
+
+def save_best(path: Path, ctx: StepContext, tokenizer_file: Path, save_vocab: str, untouched_scale: float) -> None:
+    """Write the student as an HF directory. A student trained on a trimmed vocabulary is written
+    with the full one (`save_vocab` "full": the rows it never trained at their initial values
+    times `untouched_scale`, the teacher's tokenizer) or as it is ("task", a trimmed tokenizer)."""
+    cfg, state = ctx.student.cfg, hf_state_dict(ctx.student)
+    if ctx.vocab is None:
+        save_hf(path, cfg, state, tokenizer_file)
+    elif save_vocab == "full":
+        save_hf(path, full_config(cfg, ctx.vocab), expand_state_dict(state, ctx.vocab, untouched_scale), tokenizer_file)
+    else:
+        tokenizer = trim_tokenizer(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")), ctx.vocab)
+        save_hf(path, cfg, state)
+        atomic_write(path / "tokenizer.json", json.dumps(tokenizer, ensure_ascii=False))
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "best", "checkpoint", ".checkpoint.tmp", ".checkpoint.old")

@@ -3,6 +3,7 @@ context (`build_context`): data, tokenizer and labels; the student as `--init` s
 `copy_weights.init_student`); the frozen teacher for KD; optimizer and schedule.
 """
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -10,17 +11,22 @@ import numpy as np
 import torch
 
 from xlmr_mini import distributed
-from xlmr_mini.checkpoint import build_model, find_tokenizer, load_model
+from xlmr_mini.checkpoint import build_model, find_tokenizer, read_hf_state_dict
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import INITS, StudentSpec, init_student, layer_map, scratch_state_dict, student_config
-from xlmr_mini.data import EncodedSplit, TaskData, encode_split, load_task, select_languages, stratified_subset
+from xlmr_mini.data import (
+    EncodedSplit, TaskData, default_cache_dir, encode_split, load_task, select_languages, stratified_subset,
+)
 from xlmr_mini.errors import InputError
+from xlmr_mini.hardware import resolve_precision
 from xlmr_mini.inference import final_split, label_ids, to_model_labels
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
-from xlmr_mini.kd_step import StepContext, Trained, compile_forward_loss, linear_schedule, make_optimizer
+from xlmr_mini.kd_step import (StepContext, Trained, bf16_frozen_linears, compile_forward_loss, linear_schedule,
+                               make_optimizer)
 from xlmr_mini.model import XLMRClassifier
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_EPOCHS, DEMO_LR, PAPER_EPOCHS, PAPER_LR, TrainConfig
+from xlmr_mini.vocab import WORD_KEY, VocabTrim, always_kept, kept_ids, trim_config, trim_state_dict
 
 
 @dataclasses.dataclass
@@ -36,6 +42,9 @@ class Setup:
     arch: XLMRConfig | None = None  # sizes for from-scratch when there is no teacher or base
     epochs: int = PAPER_EPOCHS
     lr: float = PAPER_LR
+    # The vocabulary the model trains on: the tokens of these splits (ids in `splits` renumbered
+    # to it); None with --no-trim (full vocabulary, the tokenizer's ids).
+    vocab: VocabTrim | None = None
 
 
 def demo_banner() -> str:
@@ -57,8 +66,12 @@ def prepare(cfg: TrainConfig, teacher_dir: Path | None = None, arch: XLMRConfig 
     remap = label_ids(task.labels, labels, where)
     final_name, note = final_split(task)
     splits = _encode(cfg, task, Tokenizer(tok), remap, final_name)
+    _check_save_vocab(cfg, Path(tok))
+    vocab = None if cfg.no_trim else task_vocab(splits, Path(tok))
+    if vocab is not None:
+        splits = {name: vocab.to_task(enc) for name, enc in splits.items()}
     return Setup(task=task, tokenizer_file=Path(tok), teacher_dir=teacher_dir, labels=labels, splits=splits,
-                 final_name=final_name, final_note=note, arch=arch,
+                 final_name=final_name, final_note=note, arch=arch, vocab=vocab,
                  select_langs=tuple(sorted(set(splits["dev"].langs))),
                  epochs=cfg.epochs or (DEMO_EPOCHS if cfg.is_demo else PAPER_EPOCHS),
                  lr=cfg.lr if cfg.lr is not None else (DEMO_LR if cfg.is_demo else PAPER_LR))
@@ -94,6 +107,26 @@ def _encode(cfg: TrainConfig, task: TaskData, tok: Tokenizer, remap: np.ndarray,
             for name, split in parts.items()}
 
 
+def _check_save_vocab(cfg: TrainConfig, tokenizer_file: Path) -> None:
+    if cfg.save_vocab != "task":
+        return
+    if cfg.no_trim:
+        raise InputError("--save-vocab task: the model is trimmed as it trains; drop --no-trim")
+    kind = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("model", {}).get("type")
+    if kind != "Unigram":
+        raise InputError(f"--save-vocab task: {tokenizer_file} is a {kind} tokenizer; only Unigram ones (XLM-R's) "
+                         f"can be trimmed")
+
+
+def task_vocab(splits: dict[str, EncodedSplit], tokenizer_file: Path) -> VocabTrim:
+    """The rows training needs: every token of every split the student runs on (train, dev, the
+    reported split: a row of a token seen only in evaluation is never trained, but it is looked
+    up), and the tokenizer's special tokens. Training on these rows alone is exact (see `vocab`)."""
+    tokenizer = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
+    full_size = Tokenizer(tokenizer_file).vocab_size
+    return kept_ids((enc.tokens for enc in splits.values()), full_size, always_kept(tokenizer))
+
+
 def student_spec(cfg: TrainConfig, setup: Setup) -> StudentSpec:
     layers = cfg.layers
     if layers is None and cfg.layer_map is None and setup.teacher_dir is not None:
@@ -113,8 +146,10 @@ def initial_student(cfg: TrainConfig, setup: Setup, seed: int) -> tuple[XLMRConf
     return init_student(cfg.init, spec, teacher=setup.teacher_dir, base=cfg.base, seed=seed)
 
 
-def load_teacher(setup: Setup, student_cfg: XLMRConfig, device) -> XLMRClassifier:
-    teacher = load_model(setup.teacher_dir, device=device).eval().requires_grad_(False)
+def load_teacher(setup: Setup, student_cfg: XLMRConfig, device, vocab: VocabTrim | None = None) -> XLMRClassifier:
+    """The frozen teacher; with `vocab`, only its kept word-embedding rows (the same lookups)."""
+    tcfg, state = read_hf_state_dict(setup.teacher_dir)
+    teacher = build_model(tcfg, state, device=device).eval().requires_grad_(False)
     if teacher.cfg.id2label != student_cfg.id2label:
         raise InputError(f"teacher {setup.teacher_dir}: labels {teacher.cfg.id2label} disagree with the student's "
                          f"{student_cfg.id2label}")
@@ -125,6 +160,9 @@ def load_teacher(setup: Setup, student_cfg: XLMRConfig, device) -> XLMRClassifie
     if teacher.cfg.vocab_size != student_cfg.vocab_size:
         raise InputError(f"teacher {setup.teacher_dir}: vocabulary {teacher.cfg.vocab_size} differs from the "
                          f"student's {student_cfg.vocab_size}; both must share one tokenizer")
+    if vocab is not None:
+        teacher = build_model(trim_config(tcfg, vocab), trim_state_dict(state, vocab), device=device)
+        teacher.eval().requires_grad_(False)
     return teacher
 
 
@@ -134,21 +172,35 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
     if cfg.max_length + scfg.pad_token_id + 1 > scfg.max_position_embeddings:
         raise InputError(f"--max-length {cfg.max_length}: the model has positions for at most "
                          f"{scfg.max_position_embeddings - scfg.pad_token_id - 1} tokens")
+    vocab = None
+    if setup.vocab is not None:
+        full_cfg = scfg
+        vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=sd[WORD_KEY].float())
+        scfg, sd = trim_config(scfg, vocab), trim_state_dict(sd, vocab)
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
     loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=cfg.kd_impl,
                             loss_norm=cfg.loss_norm)
     teacher, proj, lmap = None, None, []
     if loss_cfg.kd:
-        teacher = load_teacher(setup, scfg, device)
+        teacher = load_teacher(setup, full_cfg if vocab is not None else scfg, device, vocab)
         lmap = layer_map(teacher.cfg.num_hidden_layers, scfg.num_hidden_layers, cfg.layer_map)
         proj = HiddenProjection(scfg.hidden_size, teacher.cfg.hidden_size, cfg.hid_proj).to(device)
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, setup.lr, cfg.weight_decay)
+    bf16 = run_precision(cfg, device, scfg, teacher) == "bf16"
+    if bf16 and teacher is not None:
+        bf16_frozen_linears(teacher)
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
                       optimizer=optimizer, params=params,
                       scheduler=linear_schedule(optimizer, total_steps, math.ceil(cfg.warmup_ratio * total_steps)),
-                      max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16)
+                      max_grad_norm=cfg.max_grad_norm, vocab=vocab, bf16=bf16)
     if cfg.compile:
         ctx.loss_fn = compile_forward_loss()
     ctx.parallel = distributed.wrap(Trained(student, proj))  # None on one process
     return ctx
+
+
+def run_precision(cfg: TrainConfig, device, student_cfg: XLMRConfig, teacher: XLMRClassifier | None) -> str:
+    """--precision resolved for this hardware and these models (the widest sets the matmul sizes)."""
+    hidden = max(student_cfg.hidden_size, teacher.cfg.hidden_size if teacher is not None else 0)
+    return resolve_precision(cfg.precision, device, hidden, cfg.cache_dir or default_cache_dir())

@@ -30,6 +30,7 @@ class Tokenizer:
         if missing:
             raise InputError(f"{path}: special tokens {missing} are not in the vocabulary")
         self.bos_id, self.eos_id, self.pad_id = ids["<s>"], ids["</s>"], ids["<pad>"]
+        self.unk_id = self._tok.token_to_id("<unk>")  # None when the tokenizer has none
         self._tok.no_padding()
         self._tok.no_truncation()
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from xlmr_mini import distributed
-from xlmr_mini.checkpoint import save_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.data import epoch_batches, load_task
 from xlmr_mini.demo_models import demo_architecture, demo_teacher
@@ -41,7 +40,7 @@ from xlmr_mini.metrics import metric_key
 from xlmr_mini.progress import Progress
 from xlmr_mini.results import finish_seed, report
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, rng_state,
-                               save_checkpoint, seed_dirs)
+                               save_best, save_checkpoint, seed_dirs)
 from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
@@ -55,6 +54,9 @@ class Progression:
     best_score: float = -1.0  # the best dev score so far, in --metric
     best_step: int = 0
     last_eval_step: int = 0
+    # What AdamW's weight decay has made of a parameter with zero gradient (untrained vocabulary
+    # rows): the product of (1 - lr_t * wd) over the steps taken.
+    untouched_scale: float = 1.0
 
 
 def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> dict:
@@ -92,18 +94,20 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
         kept = out / "checkpoint"
         ckpt = f"the last good checkpoint is kept in {kept}" if kept.exists() else "no checkpoint was written yet"
         raise TrainingError(f"seed {seed}, step {prog.step + 1}: {e}; {ckpt}. "
-                            f"Try a lower --lr or without --bf16.") from None
+                            f"Try a lower --lr or --precision fp32.") from None
     finally:
         log.close()
     bar.close()
-    return finish_seed(cfg, setup, seed, out, device, prog, time.time() - started)
+    return finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, "bf16" if ctx.bf16 else "fp32")
 
 
 def _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, epoch, device) -> None:
     started = time.perf_counter()
+    lr_used = ctx.optimizer.param_groups[0]["lr"]
     share, real = distributed.shard_batch(batch)  # the whole batch on one process
     values = train_step(ctx, share, device, real)
     prog.step += 1
+    prog.untouched_scale *= 1.0 - lr_used * cfg.weight_decay
     lr = ctx.scheduler.get_last_lr()[0]
     rate = len(batch["labels"]) / max(time.perf_counter() - started, 1e-9)  # the global batch's samples
     log.write({"type": "train", "step": prog.step, "epoch": epoch, "lr": lr, "world_size": distributed.world_size(),
@@ -121,12 +125,12 @@ def _save_checkpoint(out: Path, ctx, prog: Progression) -> None:
 
 def _evaluate_dev(cfg, setup, ctx, prog, out, log, device) -> None:
     # setup.splits["dev"] holds only the selection languages (--select-on).
-    scores = evaluate(ctx.student, setup.splits["dev"], cfg.eval_batch_size, setup.task.unseen, cfg.bf16)
+    scores = evaluate(ctx.student, setup.splits["dev"], cfg.eval_batch_size, setup.task.unseen, ctx.bf16)
     score = scores["overall"][metric_key(cfg.metric)]
     improved = score > prog.best_score
     if improved:
         prog.best_score, prog.best_step = score, prog.step
-        distributed.on_main(save_model, out / "best", ctx.student, setup.tokenizer_file)
+        distributed.on_main(save_best, out / "best", ctx, setup.tokenizer_file, cfg.save_vocab, prog.untouched_scale)
     prog.last_eval_step = prog.step
     log.write({"type": "eval", "split": "dev", "step": prog.step, "metric": cfg.metric, "best": improved,
                "languages": scores.pop("languages"), **scores})

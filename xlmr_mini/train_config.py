@@ -10,6 +10,7 @@ import dataclasses
 
 from xlmr_mini.copy_weights import INITS
 from xlmr_mini.errors import InputError, OneLineErrorParser
+from xlmr_mini.hardware import PRECISIONS
 from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, IMPLS, LOSS_NORMS
 from xlmr_mini.metrics import METRICS
 
@@ -24,6 +25,7 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEEDS = (42,)
 SELECT_ON = ("train-langs", "all")
 PRESETS = ("paper",)
+SAVE_VOCABS = ("full", "task")
 # §3.1: evaluation every 5000 steps on massive for §3.2-3.3 and 100 for §3.4 (English only);
 # on tsm 500, 250 and 60 for §3.2 (all languages), §3.3 (seen languages) and §3.4.
 PAPER_EVAL_STEPS = {("massive", "all"): 5000, ("massive", "seen"): 5000, ("massive", "english"): 100,
@@ -86,7 +88,15 @@ class TrainConfig:
                             choices=LOSS_NORMS)
     hid_proj: str = _field("linear", "narrower student: learnable projection (fit_dense) or the teacher's copied units", choices=HID_PROJS)
     kd_impl: str = _field("reference", "KD loss implementation: PyTorch reference or fused kernels (Triton on GPU)", choices=IMPLS)
-    bf16: bool = _field(False, "bfloat16 autocast for forward passes (weights and optimizer stay fp32)")
+    precision: str = _field("auto", "forward passes in fp32 or under bfloat16 autocast (the KD loss terms, weights and "
+                            "optimizer stay fp32); auto: bf16 on GPUs with bf16 and on CPUs where a cached probe "
+                            "measures bf16 matmuls faster, fp32 elsewhere and for models narrower than 256 "
+                            "(--bf16 is short for --precision bf16)", choices=PRECISIONS)
+    no_trim: bool = _field(False, "train the whole word-embedding table instead of only the rows of tokens in the data "
+                           "(the same run, slower and bigger; for checking that trimming is exact)")
+    save_vocab: str = _field("full", "vocabulary of the saved model: full (a drop-in model with the teacher's tokenizer; "
+                             "rows of tokens never seen in training as they started) or task (only the data's tokens, "
+                             "with a trimmed tokenizer.json; Unigram tokenizers such as XLM-R's)", choices=SAVE_VOCABS)
     compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
     device: str = _field("auto", "cpu, cuda, or auto")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
@@ -153,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
         default_text = f" (default: {_show(f.default)})" if f.default is not None else ""
         p.add_argument(flag, type=int if nargs else base, nargs=nargs, default=f.default,
                        choices=meta.get("choices"), help=meta["help"] + default_text)
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     return p
 
 
