@@ -37,9 +37,10 @@ from xlmr_mini.study_estimate import measure_step_seconds
 from xlmr_mini.study_plan import PLANS, Planner, Run, StudySettings, plan_runs, train_config
 from xlmr_mini.study_report import Results, build_tables, draw_figures, majority_score, write_plan
 from xlmr_mini.train import train
+from xlmr_mini.train_config import DEMO_EPOCHS
 
 # The demo's schedules: teachers fine-tune the pretrained demo base, students distil in a few epochs.
-DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, 4
+DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, DEMO_EPOCHS
 OVERRIDES = ("epochs", "max_steps", "batch_size", "eval_steps", "lr", "max_length", "device", "num_threads",
              "cache_dir")
 
