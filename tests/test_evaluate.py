@@ -94,7 +94,12 @@ def test_evaluate_cli_saved_model(demo_model, tmp_path, capsys):
     assert "micro-F1" in out and "macro-F1" in out and "test split" in out
     assert set(scores["languages"]) == set(task.languages)
     assert scores["overall"]["n"] == len(task.splits["test"])
-    assert json.loads((tmp_path / "s.json").read_text())["overall"] == scores["overall"]
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["overall"] == scores["overall"] and saved["precision"] == "fp32"  # auto: a tiny model stays fp32
+    evaluate_main(["--model", str(path), "--data", "demo", "--cache-dir", str(cache), "--precision", "bf16",
+                   "--json", str(tmp_path / "b.json")])
+    bf16 = json.loads((tmp_path / "b.json").read_text())
+    assert bf16["precision"] == "bf16" and abs(bf16["overall"]["micro_f1"] - scores["overall"]["micro_f1"]) < 0.05
 
 
 def test_evaluate_cli_copied_student_without_training(demo_model, capsys):

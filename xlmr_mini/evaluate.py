@@ -12,10 +12,10 @@ from pathlib import Path
 
 from xlmr_mini.checkpoint import build_model, find_tokenizer, load_model
 from xlmr_mini.copy_weights import INITS, StudentSpec, init_student
-from xlmr_mini.data import encode_split, load_task, select_languages
+from xlmr_mini.data import default_cache_dir, encode_split, load_task, select_languages
 from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
 from xlmr_mini.files import atomic_write
-from xlmr_mini.hardware import resolve_device
+from xlmr_mini.hardware import PRECISIONS, resolve_device, resolve_precision
 from xlmr_mini.inference import evaluate, final_split, label_ids, to_model_labels
 from xlmr_mini.metrics import format_table
 from xlmr_mini.model import XLMRClassifier
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: 64)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example incl. <s> </s> (default: 128)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
-    p.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16 autocast where this hardware runs it faster (auto, as train), or fp32 / bf16 (default: auto)")
+    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
     p.add_argument("--json", type=Path, help="also write the scores to this JSON file")
     p.add_argument("--cache-dir", type=Path, help="cache for tokenized data and the demo (default: ~/.cache/xlmr_mini)")
     return p
@@ -79,13 +81,16 @@ def main(argv=None) -> dict:
     split = to_model_labels(split, label_ids(task.labels, model.cfg.id2label, what))
     tokenizer = Tokenizer(tok_file)
     enc = encode_split(split, tokenizer, args.max_length, cache_dir=args.cache_dir)
-    scores = evaluate(model, enc, args.batch_size, task.unseen, args.bf16, unk_id=tokenizer.unk_id)
-    title = f"{split_name} split of {task.source}: micro-F1 and macro-F1 per language ({what})"
+    precision = resolve_precision("bf16" if args.bf16 else args.precision, device, model.cfg.hidden_size,
+                                  args.cache_dir or default_cache_dir())
+    scores = evaluate(model, enc, args.batch_size, task.unseen, precision == "bf16", unk_id=tokenizer.unk_id)
+    title = f"{split_name} split of {task.source}: micro-F1 and macro-F1 per language ({what}; {precision})"
     print(format_table(scores, task.unseen, title))
     if note:
         print(f"note: {note}")
     if args.json is not None:
-        record = {"model": what, "data": args.data, "split": split_name, "metrics": ["micro_f1", "macro_f1"], **scores}
+        record = {"model": what, "data": args.data, "split": split_name, "precision": precision,
+                  "metrics": ["micro_f1", "macro_f1"], **scores}
         atomic_write(args.json, json.dumps(record, indent=1) + "\n")
     o = scores["overall"]
     print(f"{split_name}: micro-F1 {100 * o['micro_f1']:.2f}%, macro-F1 {100 * o['macro_f1']:.2f}% on {o['n']} examples, "
