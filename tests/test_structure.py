@@ -4,7 +4,6 @@ import ast
 import subprocess
 import sys
 
-import pytest
 
 import xlmr_mini
 from conftest import REPO
@@ -49,10 +48,9 @@ def imported_tops(path) -> set[str]:
 
 def test_no_symlinks_in_the_tree():
     listed = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True)
-    if listed.returncode != 0:
-        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
-    links = [line.split("\t")[1] for line in listed.stdout.splitlines() if line.startswith("120000")]
-    assert links == []
+    if listed.returncode == 0:  # in a git checkout, none committed either (mode 120000)
+        links = [line.split("\t")[1] for line in listed.stdout.splitlines() if line.startswith("120000")]
+        assert links == []
     on_disk = [p for p in REPO.rglob("*") if p.is_symlink() and ".ci-venv" not in p.parts and ".git" not in p.parts]
     assert on_disk == []
 

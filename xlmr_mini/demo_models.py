@@ -39,10 +39,8 @@ DEMO_BASE = dict(epochs=40, lr=1e-3, warmup_ratio=0.06, batch_size=32, mask_prob
 
 def demo_teacher(cfg: TrainConfig, train: Callable[..., dict]) -> Path:
     """The demo's teacher: trained from scratch on the demo once, then cached (by demo version and seed)."""
-    cache = Path(cfg.cache_dir or default_cache_dir()) / "demo" / f"v{DEMO_VERSION}"
     seed = cfg.seeds[0]
-    key = hashlib.sha256(json.dumps(DEMO_TEACHER, sort_keys=True).encode()).hexdigest()[:8]
-    final = cache / f"teacher-seed{seed}-{key}"
+    final = _cached(cfg.cache_dir, f"teacher-seed{seed}", DEMO_TEACHER)
     if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
         print(f"demo teacher: using the cached one in {final}")
         return final

@@ -20,6 +20,7 @@ import argparse
 import math
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -28,14 +29,16 @@ from pathlib import Path
 import torch
 
 from xlmr_mini.config import XLMRConfig
-from xlmr_mini.data import load_task, select_languages, stratified_subset
+from xlmr_mini.data import TaskData, load_task, select_languages, stratified_subset
 from xlmr_mini.demo_models import demo_base
 from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
 from xlmr_mini.evaluate import main as evaluate_main
+from xlmr_mini.files import atomic_write
+from xlmr_mini.inference import final_split
 from xlmr_mini.progress import clock
 from xlmr_mini.study_estimate import measure_step_seconds
 from xlmr_mini.study_plan import PLANS, Planner, Run, StudySettings, plan_runs, train_config
-from xlmr_mini.study_report import Results, build_tables, draw_figures, majority_score, write_plan
+from xlmr_mini.study_report import Results, build_tables, draw_figures, write_plan
 from xlmr_mini.train import train
 from xlmr_mini.train_config import DEMO_EPOCHS
 
@@ -106,13 +109,13 @@ def run_one(run: Run, out: Path) -> None:
     """Train (or evaluate) one run into `out`; a finished run returns at once."""
     if run.tool == "train":
         train(train_config(run, out), quiet=True)
-    elif not (out / "scores.json").is_file():
+    elif not (out / run.result_file).is_file():
         out.mkdir(parents=True, exist_ok=True)
-        evaluate_main(run.argv + ["--json", str(out / "scores.json")])
+        evaluate_main(run.argv + ["--json", str(out / run.result_file)])
 
 
 def _finished(planner: Planner, run: Run) -> bool:
-    return (planner.path(run) / ("results.json" if run.tool == "train" else "scores.json")).is_file()
+    return (planner.path(run) / run.result_file).is_file()
 
 
 def _init_worker(devices) -> None:
@@ -172,9 +175,8 @@ def _pool(jobs: int):
 # ---------------------------------------------------------------------------------------------
 # Estimates, listings, commands
 # ---------------------------------------------------------------------------------------------
-def step_counter(s: StudySettings):
+def step_counter(task: TaskData):
     """run -> the number of optimizer steps it will take (from the data's sizes and its flags)."""
-    task = load_task(s.data, cache_dir=dict(s.overrides).get("cache-dir"))
     sizes: dict[tuple, int] = {}
 
     def steps(run: Run) -> int:
@@ -219,18 +221,10 @@ def emit_commands(runs: dict[str, Run], planner: Planner, path: Path) -> None:
         lines.append(f"# stage {i}: {len(stage)} runs")
         for run in stage:
             out = planner.path(run)
-            extra = ["--out", str(out), "--resume"] if run.tool == "train" else ["--json", str(out / "scores.json")]
-            lines.append(" ".join([sys.executable, "-m", f"xlmr_mini.{run.tool}", *map(_quote, run.argv + extra)]))
-    from xlmr_mini.files import atomic_write
-
+            extra = ["--out", str(out), "--resume"] if run.tool == "train" else ["--json", str(out / run.result_file)]
+            lines.append(" ".join([sys.executable, "-m", f"xlmr_mini.{run.tool}", *map(shlex.quote, run.argv + extra)]))
     atomic_write(path, "\n".join(lines) + "\n")
     print(f"wrote {sum(map(len, stages))} commands in {len(stages)} stages to {path}")
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,26 +240,23 @@ def main(argv=None) -> list[Path]:
     if args.emit_commands:
         emit_commands(runs, planner, args.emit_commands)
         return []
-    steps = step_counter(s)
-    if args.dry_run:
-        list_runs(runs, planner, steps, measure_step_seconds(s, base_cfg))
-        return []
-    rates = measure_step_seconds(s, base_cfg) if any(not _finished(planner, r) for r in runs.values()) else None
-    execute(runs, planner, args.jobs, (lambda r: steps(r) * rates(r)) if rates else (lambda r: 1.0))
-    return report(plans, runs, planner, s, base_cfg)
-
-
-def report(plans: list[str], runs: dict[str, Run], planner: Planner, s: StudySettings, base_cfg) -> list[Path]:
-    res = Results(runs, planner)
     task = load_task(s.data, cache_dir=dict(s.overrides).get("cache-dir"))
-    from xlmr_mini.inference import final_split
+    steps = step_counter(task)
+    if args.dry_run:
+        list_runs(runs, planner, steps, measure_step_seconds(s, base_cfg, task))
+        return []
+    unfinished = any(not _finished(planner, r) for r in runs.values())
+    rates = measure_step_seconds(s, base_cfg, task) if unfinished else None
+    execute(runs, planner, args.jobs, (lambda r: steps(r) * rates(r)) if rates else (lambda r: 1.0))
+    return report(plans, runs, planner, s, base_cfg, task)
 
+
+def report(plans: list[str], runs: dict[str, Run], planner: Planner, s: StudySettings, base_cfg,
+           task: TaskData) -> list[Path]:
+    res = Results(runs, planner)
     reported = final_split(task)[0]
-    written = []
-    for plan in plans:
-        majority = majority_score(s.data, dict(s.overrides).get("cache-dir")) if plan == "table5" else None
-        written.append(write_plan(plan, build_tables(plan, res, s.kind), res, s.out, settings_text(s, base_cfg),
-                                  s.kind, reported, majority))
+    written = [write_plan(plan, build_tables(plan, res, s.kind, task), s.out, settings_text(s, base_cfg), s.kind,
+                          reported) for plan in plans]
     figures = draw_figures(plans, res, s.out)
     wanted = [p for p in plans if p.startswith("figure")]
     print("study: wrote " + ", ".join(str(p) for p in written + figures))

@@ -10,7 +10,7 @@ import torch
 from xlmr_mini.checkpoint import build_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import StudentSpec, layer_map, scratch_state_dict, student_config
-from xlmr_mini.data import encode_split, epoch_batches, load_task
+from xlmr_mini.data import TaskData, encode_split, epoch_batches
 from xlmr_mini.hardware import resolve_device
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
 from xlmr_mini.kd_step import StepContext, linear_schedule, make_optimizer, train_step
@@ -44,7 +44,7 @@ def _seconds(ctx: StepContext, batch: dict, device) -> float:
     return (time.perf_counter() - t0) / PROBE_STEPS
 
 
-def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig):
+def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig, task: TaskData):
     """run -> measured seconds per optimizer step of a model of that run's shape."""
     argv = flags_to_argv({**common_flags(s, "3.2"), "init": "from-scratch", "no-kd": True})
     probe = train_config(Run(name="probe", tool="train", argv=argv), Path("x"))
@@ -53,7 +53,6 @@ def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig):
     if probe.num_threads:
         torch.set_num_threads(probe.num_threads)
     try:
-        task = load_task(s.data, cache_dir=probe.cache_dir)
         tok = Tokenizer(task.tokenizer_path or Path(s.base) / "tokenizer.json")
         enc = encode_split(task.splits["train"], tok, probe.max_length, cache_dir=probe.cache_dir)
         batch = epoch_batches(enc, probe.batch_size, seed=0, epoch=0, pad_id=tok.pad_id)[0]

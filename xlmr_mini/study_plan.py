@@ -70,6 +70,11 @@ class Run:
     def dir_name(self) -> str:
         return f"{self.name}-{self.key}"
 
+    @property
+    def result_file(self) -> str:
+        """What a finished run leaves in its directory: train's results.json, evaluate's --json."""
+        return "results.json" if self.tool == "train" else "scores.json"
+
 
 @dataclasses.dataclass(frozen=True)
 class StudySettings:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from xlmr_mini.copy_weights import INITS
-from xlmr_mini.data import load_task, select_languages
+from xlmr_mini.data import TaskData
 from xlmr_mini.files import atomic_write
 from xlmr_mini.inference import final_split
-from xlmr_mini.metrics import micro_f1
+from xlmr_mini.metrics import macro_f1, micro_f1
 from xlmr_mini.study_plan import PAPER, SUBSETS, Planner, Run
 
 METRICS = (("micro_f1", "micro-F1 (the paper's F1)"), ("macro_f1", "macro-F1"))
@@ -35,10 +35,13 @@ class Results:
 
     def __init__(self, runs: dict[str, Run], planner: Planner):
         self.planner, self.runs = planner, list(runs.values())
+        self._loaded: dict[str, dict | None] = {}  # tables and figures share runs: read each file once
 
     def load(self, run: Run) -> dict | None:
-        path = self.planner.path(run) / ("results.json" if run.tool == "train" else "scores.json")
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if run.key not in self._loaded:
+            path = self.planner.path(run) / run.result_file
+            self._loaded[run.key] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return self._loaded[run.key]
 
     def find(self, plan: str, tool: str = "train", **flags) -> list[Run]:
         """The `tool` runs of `plan` whose argv holds every flag=value given (None: flag absent)."""
@@ -64,22 +67,24 @@ def _cell(values: list[float]) -> str:
     if not values:
         return "—"
     v = 100 * np.asarray(values)
-    return f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if v.size > 1 else "") + ("" if v.size > 1 else " (1 seed)")
+    return f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if v.size > 1 else " (1 seed)")
 
 
 class Table:
-    """Rows x columns of seed lists, rendered per metric, plus CSV records."""
+    """Rows x columns of seed lists, rendered per metric, plus CSV records; `add_value` rows hold
+    a number computed from the data (no runs), one per metric."""
 
     def __init__(self, plan: str, title: str, columns: list[str], part: str):
         self.plan, self.title, self.columns, self.part = plan, title, columns, part
         self.rows: list[tuple[str, dict[str, list[tuple[Run, dict]]], dict[str, float | None]]] = []
-        self.extra_rows: list[tuple[str, dict[str, float], dict[str, float | None]]] = []
+        self.value_rows: list[tuple[str, dict[str, dict[str, float]], dict[str, float | None]]] = []
 
     def add(self, label: str, cells: dict[str, list[tuple[Run, dict]]], paper: dict[str, float | None]):
         self.rows.append((label, cells, paper))
 
-    def add_value(self, label: str, values: dict[str, float], paper: dict[str, float | None]):
-        self.extra_rows.append((label, values, paper))
+    def add_value(self, label: str, values: dict[str, dict[str, float]], paper: dict[str, float | None]):
+        """values: column -> {metric: fraction}."""
+        self.value_rows.append((label, values, paper))
 
     def markdown(self, metric: str, metric_name: str, dataset_known: bool) -> str:
         head = ["row"] + [f"{c} (ours)" for c in self.columns]
@@ -89,8 +94,8 @@ class Table:
             ours = [_cell([v for _, r in cells.get(c, []) if (v := _score(r, self.part, metric)) is not None])
                     for c in self.columns]
             lines.append(self._line(label, ours, paper, dataset_known, metric))
-        for label, values, paper in self.extra_rows:
-            ours = [_cell([values[c]]).replace(" (1 seed)", "") if c in values else "—" for c in self.columns]
+        for label, values, paper in self.value_rows:
+            ours = [f"{100 * values[c][metric]:.2f}" if c in values else "—" for c in self.columns]
             lines.append(self._line(label, ours, paper, dataset_known, metric))
         return "\n".join([f"{metric_name}:", ""] + lines)
 
@@ -114,7 +119,12 @@ def _finished(res: Results, runs: list[Run]) -> list[tuple[Run, dict]]:
     return [(run, r) for run in runs if (r := res.load(run)) is not None]
 
 
-def build_tables(plan: str, res: Results, data_kind: str) -> list[Table]:
+def _subset_runs(res: Results, plan: str, init: str, subset: float) -> list[Run]:
+    """The KD students of Figures 2-3 for one initialization and training fraction."""
+    return res.find(plan, init=init, teacher=_any, subset=subset if subset < 1 else None)
+
+
+def build_tables(plan: str, res: Results, data_kind: str, task: TaskData) -> list[Table]:
     """The tables of one plan (figures have one table of the numbers they plot)."""
     full, half = res.planner.base_hidden, res.planner.base_hidden // 2
     layers = max(1, res.planner.base_layers // 2)
@@ -161,14 +171,14 @@ def build_tables(plan: str, res: Results, data_kind: str) -> list[Table]:
         t.add("With Finetune", {"F1": _finished(res, res.find(plan, init="from-teacher", no_kd=None, teacher=_any))},
               {"F1": ref["with finetune"].get(data_kind)})
         t.add("Without Finetune", {"F1": _finished(res, res.find(plan, tool="evaluate"))}, {"F1": ref["without finetune"].get(data_kind)})
-        t.majority_row = True
+        t.add_value("Random Score (majority class)", {"F1": majority_score(task)},
+                    {"F1": ref["random score"].get(data_kind)})
         return [t]
     if plan in ("figure2", "figure3"):
         t = Table(plan, f"{'Figure 2' if plan == 'figure2' else 'Figure 3'}: KD students on stratified subsets of the "
                   "training data (all languages)", [f"{s:g}" for s in SUBSETS], "overall")
         for init in INITS:
-            cells = {f"{s:g}": _finished(res, res.find(plan, init=init, teacher=_any, subset=s if s < 1 else None))
-                     for s in SUBSETS}
+            cells = {f"{s:g}": _finished(res, _subset_runs(res, plan, init, s)) for s in SUBSETS}
             t.add(init, cells, {})
         return [t]
     raise ValueError(plan)
@@ -178,35 +188,23 @@ def _paper_cols(ref: dict, data_kind: str) -> dict[str, float | None]:
     return {"NON-KD": ref.get((data_kind, False)), "KD": ref.get((data_kind, True))}
 
 
-def majority_score(data: str, cache_dir, part: str = "overall") -> dict[str, float]:
+def majority_score(task: TaskData) -> dict[str, float]:
     """The paper's "random score": every prediction the training data's majority class, scored on
     the reported split (micro-F1; macro-F1 beside it)."""
-    from xlmr_mini.metrics import macro_f1
-
-    task = load_task(data, cache_dir=cache_dir)
     majority = int(np.bincount(task.splits["train"].labels).argmax())
-    split = task.splits[final_split(task)[0]]
-    if part == "unseen":
-        split = select_languages(split, "unseen", task)
-    gold = split.labels
+    gold = task.splits[final_split(task)[0]].labels
     pred = np.full_like(gold, majority)
     return {"micro_f1": micro_f1(gold, pred), "macro_f1": macro_f1(gold, pred)}
 
 
-def write_plan(plan: str, tables: list[Table], res: Results, out: Path, settings_text: str, data_kind: str,
-               reported_split: str, majority: dict | None = None) -> Path:
+def write_plan(plan: str, tables: list[Table], out: Path, settings_text: str, data_kind: str,
+               reported_split: str) -> Path:
     """PLAN.md and PLAN.csv in `out`; returns the Markdown path."""
     known = data_kind in ("massive", "tsm")
     parts = []
     for t in tables:
         parts.append(f"## {t.title}")
-        for metric, name in METRICS:
-            md = t.markdown(metric, name, known)
-            if majority is not None:
-                md += f"\n| Random Score (majority class) | {100 * majority[metric]:.2f}" + (
-                    f" | {PAPER['table5']['random score'].get(data_kind, float('nan')):.2f} |"
-                    if known and metric == "micro_f1" else (" | — |" if known else " |"))
-            parts.append(md)
+        parts += [t.markdown(metric, name, known) for metric, name in METRICS]
     note = (f"Scores are on the {reported_split} split"
             + (" (the data has no test split: dev also selected the checkpoints, so they are optimistic)"
                if reported_split == "dev" else "") + ".")
@@ -254,8 +252,7 @@ def draw_figures(plans: list[str], res: Results, out: Path) -> list[Path]:
         for init in INITS:
             xs, means, stds = [], [], []
             for s in SUBSETS:
-                vals = [_score(r, "overall", "micro_f1") for _, r in
-                        _finished(res, res.find("figure2", init=init, teacher=_any, subset=s if s < 1 else None))]
+                vals = [_score(r, "overall", "micro_f1") for _, r in _finished(res, _subset_runs(res, "figure2", init, s))]
                 if vals:
                     xs.append(100 * s), means.append(100 * np.mean(vals))
                     stds.append(100 * np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
@@ -269,7 +266,7 @@ def draw_figures(plans: list[str], res: Results, out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(SUBSETS), figsize=(3.2 * len(SUBSETS), 3.2), sharey=True)
         for ax, s in zip(axes, SUBSETS):
             for init in INITS:
-                curve = losses_per_step(res, res.find("figure3", init=init, teacher=_any, subset=s if s < 1 else None))
+                curve = losses_per_step(res, _subset_runs(res, "figure3", init, s))
                 if curve is not None:
                     ax.plot(np.arange(1, len(curve) + 1), curve, label=init, linewidth=1)
             ax.set(title=f"{100 * s:g}% of the data", xlabel="step")
