@@ -11,7 +11,8 @@ Module map. Three layers; a module imports only from its own layer or the layers
   batching, the demo task), `metrics` (micro- and macro-F1), `inference` (scoring a model on a
   split), `kd_step` (one KD optimizer step), `progress` (the progress bar), `distributed`
   (torchrun and DDP: process group, batch shares, gathered evaluation, rank-0 writes), `vocab`
-  (exact vocabulary trimming: kept ids, remapping, trimmed state dicts and tokenizers).
+  (exact vocabulary trimming: kept ids, remapping, trimmed state dicts and tokenizers),
+  `teacher_cache` (the teacher's outputs computed once, kept on disk, read back).
 - applications: `train` (the CLI and the loop) with its parts `train_config` (flags),
   `run_setup` (data, models, step context), `run_dir` (checkpoints, metrics.jsonl, out-dir
   claims), `results` (scores and summaries) and `demo_models` (the demo's teacher and base);
@@ -27,7 +28,7 @@ Module map. Three layers; a module imports only from its own layer or the layers
 LAYERS = {
     "core": ("config", "model", "checkpoint", "tokenizer", "errors", "files", "hardware"),
     "library": ("copy_weights", "kd_loss", "kernels", "data", "metrics", "inference", "kd_step", "progress",
-                "distributed", "vocab"),
+                "distributed", "vocab", "teacher_cache"),
     "application": ("train", "train_config", "run_setup", "run_dir", "results", "demo_models", "evaluate", "check",
                     "trim", "study", "study_plan", "study_estimate", "study_report", "bench"),
 }

@@ -3,6 +3,7 @@ context (`build_context`): data, tokenizer and labels; the student as `--init` s
 `copy_weights.init_student`); the frozen teacher for KD; optimizer and schedule.
 """
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xlmr_mini import distributed
+from xlmr_mini import distributed, teacher_cache
 from xlmr_mini.checkpoint import build_model, find_tokenizer, read_hf_state_dict
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import INITS, StudentSpec, init_student, layer_map, scratch_state_dict, student_config
@@ -20,7 +21,7 @@ from xlmr_mini.data import (
 from xlmr_mini.errors import InputError
 from xlmr_mini.hardware import resolve_precision
 from xlmr_mini.inference import final_split, label_ids, to_model_labels
-from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
+from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
 from xlmr_mini.kd_step import (StepContext, Trained, bf16_frozen_linears, compile_forward_loss, linear_schedule,
                                make_optimizer)
 from xlmr_mini.model import XLMRClassifier
@@ -146,24 +147,27 @@ def initial_student(cfg: TrainConfig, setup: Setup, seed: int) -> tuple[XLMRConf
     return init_student(cfg.init, spec, teacher=setup.teacher_dir, base=cfg.base, seed=seed)
 
 
-def load_teacher(setup: Setup, student_cfg: XLMRConfig, device, vocab: VocabTrim | None = None) -> XLMRClassifier:
-    """The frozen teacher; with `vocab`, only its kept word-embedding rows (the same lookups)."""
-    tcfg, state = read_hf_state_dict(setup.teacher_dir)
-    teacher = build_model(tcfg, state, device=device).eval().requires_grad_(False)
-    if teacher.cfg.id2label != student_cfg.id2label:
-        raise InputError(f"teacher {setup.teacher_dir}: labels {teacher.cfg.id2label} disagree with the student's "
+def check_teacher(teacher_dir: Path, tcfg: XLMRConfig, student_cfg: XLMRConfig) -> None:
+    if tcfg.id2label != student_cfg.id2label:
+        raise InputError(f"teacher {teacher_dir}: labels {tcfg.id2label} disagree with the student's "
                          f"{student_cfg.id2label}")
-    if teacher.cfg.num_attention_heads != student_cfg.num_attention_heads:
+    if tcfg.num_attention_heads != student_cfg.num_attention_heads:
         raise InputError(f"attention distillation compares heads one to one: the student has "
-                         f"{student_cfg.num_attention_heads} heads, the teacher {teacher.cfg.num_attention_heads}; "
+                         f"{student_cfg.num_attention_heads} heads, the teacher {tcfg.num_attention_heads}; "
                          f"keep --heads at the teacher's or use --no-kd")
-    if teacher.cfg.vocab_size != student_cfg.vocab_size:
-        raise InputError(f"teacher {setup.teacher_dir}: vocabulary {teacher.cfg.vocab_size} differs from the "
+    if tcfg.vocab_size != student_cfg.vocab_size:
+        raise InputError(f"teacher {teacher_dir}: vocabulary {tcfg.vocab_size} differs from the "
                          f"student's {student_cfg.vocab_size}; both must share one tokenizer")
+
+
+def load_teacher(setup: Setup, device, vocab: VocabTrim | None = None, bf16: bool = False) -> XLMRClassifier:
+    """The frozen teacher (checked by `check_teacher`); with `vocab`, only its kept word-embedding
+    rows (the same lookups); with `bf16`, its Linear weights stored in bf16."""
+    tcfg, state = read_hf_state_dict(setup.teacher_dir)
     if vocab is not None:
-        teacher = build_model(trim_config(tcfg, vocab), trim_state_dict(state, vocab), device=device)
-        teacher.eval().requires_grad_(False)
-    return teacher
+        tcfg, state = trim_config(tcfg, vocab), trim_state_dict(state, vocab)
+    teacher = build_model(tcfg, state, device=device).eval().requires_grad_(False)
+    return bf16_frozen_linears(teacher) if bf16 else teacher
 
 
 def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int) -> StepContext:
@@ -173,34 +177,38 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         raise InputError(f"--max-length {cfg.max_length}: the model has positions for at most "
                          f"{scfg.max_position_embeddings - scfg.pad_token_id - 1} tokens")
     vocab = None
+    full_cfg = scfg
     if setup.vocab is not None:
-        full_cfg = scfg
         vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=sd[WORD_KEY].float())
         scfg, sd = trim_config(scfg, vocab), trim_state_dict(sd, vocab)
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
     loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=cfg.kd_impl,
                             loss_norm=cfg.loss_norm)
-    teacher, proj, lmap = None, None, []
+    tcfg, proj, lmap = None, None, []
     if loss_cfg.kd:
-        teacher = load_teacher(setup, full_cfg if vocab is not None else scfg, device, vocab)
-        lmap = layer_map(teacher.cfg.num_hidden_layers, scfg.num_hidden_layers, cfg.layer_map)
-        proj = HiddenProjection(scfg.hidden_size, teacher.cfg.hidden_size, cfg.hid_proj).to(device)
+        tcfg = XLMRConfig.from_hf(setup.teacher_dir)
+        check_teacher(setup.teacher_dir, tcfg, full_cfg)
+        lmap = layer_map(tcfg.num_hidden_layers, scfg.num_hidden_layers, cfg.layer_map)
+        proj = HiddenProjection(scfg.hidden_size, tcfg.hidden_size, cfg.hid_proj).to(device)
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, setup.lr, cfg.weight_decay)
-    bf16 = run_precision(cfg, device, scfg, teacher) == "bf16"
-    if bf16 and teacher is not None:
-        bf16_frozen_linears(teacher)
+    bf16 = run_precision(cfg, device, scfg, tcfg) == "bf16"
+    teacher, cache = None, None
+    if loss_cfg.kd:
+        load = functools.partial(load_teacher, setup, device, vocab, bf16)
+        cache = teacher_cache.for_run(cfg, setup, tcfg, kd_taps(loss_cfg, lmap), bf16, device, total_steps, load)
+        teacher = None if cache is not None else load()
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
                       optimizer=optimizer, params=params,
                       scheduler=linear_schedule(optimizer, total_steps, math.ceil(cfg.warmup_ratio * total_steps)),
-                      max_grad_norm=cfg.max_grad_norm, vocab=vocab, bf16=bf16)
+                      max_grad_norm=cfg.max_grad_norm, vocab=vocab, bf16=bf16, teacher_cache=cache)
     if cfg.compile:
         ctx.loss_fn = compile_forward_loss()
     ctx.parallel = distributed.wrap(Trained(student, proj))  # None on one process
     return ctx
 
 
-def run_precision(cfg: TrainConfig, device, student_cfg: XLMRConfig, teacher: XLMRClassifier | None) -> str:
+def run_precision(cfg: TrainConfig, device, student_cfg: XLMRConfig, teacher_cfg: XLMRConfig | None) -> str:
     """--precision resolved for this hardware and these models (the widest sets the matmul sizes)."""
-    hidden = max(student_cfg.hidden_size, teacher.cfg.hidden_size if teacher is not None else 0)
+    hidden = max(student_cfg.hidden_size, teacher_cfg.hidden_size if teacher_cfg is not None else 0)
     return resolve_precision(cfg.precision, device, hidden, cfg.cache_dir or default_cache_dir())

@@ -26,6 +26,7 @@ DEFAULT_SEEDS = (42,)
 SELECT_ON = ("train-langs", "all")
 PRESETS = ("paper",)
 SAVE_VOCABS = ("full", "task")
+TEACHER_CACHE_MODES = ("auto", "on", "off")
 # §3.1: evaluation every 5000 steps on massive for §3.2-3.3 and 100 for §3.4 (English only);
 # on tsm 500, 250 and 60 for §3.2 (all languages), §3.3 (seen languages) and §3.4.
 PAPER_EVAL_STEPS = {("massive", "all"): 5000, ("massive", "seen"): 5000, ("massive", "english"): 100,
@@ -97,6 +98,11 @@ class TrainConfig:
     save_vocab: str = _field("full", "vocabulary of the saved model: full (a drop-in model with the teacher's tokenizer; "
                              "rows of tokens never seen in training as they started) or task (only the data's tokens, "
                              "with a trimmed tokenizer.json; Unigram tokenizers such as XLM-R's)", choices=SAVE_VOCABS)
+    teacher_cache: str = _field("auto", "keep the teacher's outputs on disk after the first pass and read them instead of "
+                                "running the teacher: auto (when the run reads the training data more than once, "
+                                "or has several seeds, and the cache takes at most half the free disk; otherwise "
+                                "it says why not), on, or off", choices=TEACHER_CACHE_MODES)
+    teacher_cache_dir: str | None = _field(None, "directory of the teacher caches (default: CACHE_DIR/teacher)")
     compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
     device: str = _field("auto", "cpu, cuda, or auto")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
@@ -135,7 +141,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that define the run's result (what `run.json` compares)."""
         ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset",
-                   "dist_timeout"}
+                   "dist_timeout", "teacher_cache", "teacher_cache_dir"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
