@@ -7,7 +7,9 @@ does; linear decay to 0 with no warm-up; 30 epochs), except where a field's help
 """
 import argparse
 import dataclasses
+import math
 
+from xlmr_mini.config import check_max_length
 from xlmr_mini.copy_weights import INITS
 from xlmr_mini.errors import InputError, OneLineErrorParser
 from xlmr_mini.hardware import PRECISIONS
@@ -25,6 +27,8 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEEDS = (42,)
 SELECT_ON = ("train-langs", "all")
 PRESETS = ("paper",)
+AT_LEAST_1 = ("batch_size", "eval_batch_size", "epochs", "max_steps", "eval_steps", "stop_after", "layers", "hidden",
+              "heads", "intermediate", "num_threads", "dist_timeout")
 SAVE_VOCABS = ("full", "task")
 # §3.1: evaluation every 5000 steps on massive for §3.2-3.3 and 100 for §3.4 (English only);
 # on tsm 500, 250 and 60 for §3.2 (all languages), §3.3 (seen languages) and §3.4.
@@ -40,6 +44,14 @@ def paper_settings(data: str | None, train_langs: str) -> dict:
     if (kind, train_langs) in PAPER_EVAL_STEPS:
         values["eval_steps"] = PAPER_EVAL_STEPS[kind, train_langs]
     return values
+
+
+def check_seeds(seeds: tuple[int, ...]) -> None:
+    if not seeds:
+        raise InputError("--seeds: give at least one seed")
+    repeated = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if repeated is not None:
+        raise InputError(f"--seeds {' '.join(map(str, seeds))}: seed {repeated} is given twice (each seed is one run)")
 
 
 def _field(default, help, **kw):
@@ -120,13 +132,22 @@ class TrainConfig:
         self.batch_size = self.batch_size if self.batch_size is not None else DEFAULT_BATCH_SIZE
         self.seeds = tuple(self.seeds if self.seeds is not None else DEFAULT_SEEDS)
         self.layer_map = tuple(self.layer_map) if self.layer_map is not None else None
-        if not self.seeds:
-            raise InputError("--seeds: give at least one seed")
-        for name in ("batch_size", "eval_batch_size", "epochs", "max_steps", "eval_steps", "stop_after", "layers",
-                     "dist_timeout"):
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        check_seeds(self.seeds)
+        for name in AT_LEAST_1:
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if value is not None and not value >= 1:
                 raise InputError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+        check_max_length(self.max_length)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr {self.lr}: must be a positive number")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a number >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise InputError(f"--warmup-ratio {self.warmup_ratio}: must be a fraction in [0, 1) of the steps")
 
     @property
     def is_demo(self) -> bool:
