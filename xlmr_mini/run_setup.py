@@ -198,6 +198,7 @@ def load_teacher(setup: Setup, device, vocab: VocabTrim | None = None) -> XLMRCl
 def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int) -> StepContext:
     torch.manual_seed(seed)
     scfg, sd = initial_student(cfg, setup, seed)
+    scfg = with_dropout(cfg, scfg)
     vocab = None
     if setup.vocab is not None:
         vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=sd[WORD_KEY].float())
@@ -212,7 +213,7 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         proj = HiddenProjection(scfg.hidden_size, teacher.cfg.hidden_size, cfg.hid_proj).to(device)
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, setup.lr, cfg.weight_decay)
-    bf16 = run_precision(cfg, device, scfg, teacher) == "bf16"
+    bf16 = cfg.precision == "bf16"  # resolved by `resolve_run_precision`
     if bf16 and teacher is not None:
         bf16_frozen_linears(teacher)
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
@@ -225,7 +226,27 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
     return ctx
 
 
-def run_precision(cfg: TrainConfig, device, student_cfg: XLMRConfig, teacher: XLMRClassifier | None) -> str:
-    """--precision resolved for this hardware and these models (the widest sets the matmul sizes)."""
-    hidden = max(student_cfg.hidden_size, teacher.cfg.hidden_size if teacher is not None else 0)
-    return resolve_precision(cfg.precision, device, hidden, cfg.cache_dir or default_cache_dir())
+def with_dropout(cfg: TrainConfig, student_cfg: XLMRConfig) -> XLMRConfig:
+    """The student's config with --dropout (hidden states; the head follows it) and
+    --attention-dropout applied."""
+    changes = {}
+    if cfg.dropout is not None:
+        changes.update(hidden_dropout_prob=cfg.dropout, classifier_dropout=None)
+    if cfg.attention_dropout is not None:
+        changes["attention_probs_dropout_prob"] = cfg.attention_dropout
+    return student_cfg.replace(**changes)
+
+
+def resolve_run_precision(cfg: TrainConfig, setup: Setup, device) -> TrainConfig:
+    """`cfg` with --precision resolved for this hardware and the widest model of the run (which
+    sets the matmul sizes): the student, and the teacher when it distils. The resolved value is
+    part of the run's identity, so an fp32 run and a bf16 run never share a directory."""
+    def width(path) -> int:
+        return XLMRConfig.from_hf(path).hidden_size
+
+    source = {"from-teacher": setup.teacher_dir, "from-base": cfg.base}.get(cfg.init) or setup.teacher_dir or cfg.base
+    arch = setup.arch.hidden_size if setup.arch is not None else 0  # none: initial_student says what is missing
+    student = cfg.hidden or (width(source) if source is not None else arch)
+    hidden = max(student, width(setup.teacher_dir) if not cfg.no_kd and setup.teacher_dir is not None else 0)
+    precision = resolve_precision(cfg.precision, device, hidden, cfg.cache_dir or default_cache_dir())
+    return dataclasses.replace(cfg, precision=precision)
