@@ -38,26 +38,16 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def _random_teacher(cache: Path, out: Path, dropout: float) -> Path:
-    task = build_demo(cache)
-    cfg = demo_architecture(task).replace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          intermediate_size=128, hidden_dropout_prob=dropout,
-                                          attention_probs_dropout_prob=dropout)
-    save_hf(out, cfg, scratch_state_dict(cfg, 0), task.tokenizer_path)
-    return out
-
-
 @pytest.fixture(scope="module")
 def teacher(cache, tmp_path_factory) -> Path:
-    """A random 2-layer teacher on the demo's vocabulary and labels; its students train with dropout,
-    so a cached run must also draw the same dropout masks."""
-    return _random_teacher(cache, tmp_path_factory.mktemp("teacher"), 0.1)
-
-
-@pytest.fixture(scope="module")
-def teacher_no_dropout(cache, tmp_path_factory) -> Path:
-    """For torchrun, where each process draws its own rows' dropout masks (see test_distributed)."""
-    return _random_teacher(cache, tmp_path_factory.mktemp("teacher"), 0.0)
+    """A random 2-layer teacher on the demo's vocabulary and labels, dropout 0.1: its students train
+    with dropout, so a cached run must also draw the same dropout masks."""
+    task = build_demo(cache)
+    cfg = demo_architecture(task).replace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128)
+    out = tmp_path_factory.mktemp("teacher")
+    save_hf(out, cfg, scratch_state_dict(cfg, 0), task.tokenizer_path)
+    return out
 
 
 def _args(teacher: Path, cache: Path, out: Path, *flags: str, steps: int = 8) -> list[str]:
@@ -193,8 +183,7 @@ def test_kill_9_while_writing_then_the_same_command_gives_the_same_numbers(teach
     killed = textwrap.dedent(f"""
         import os, signal, sys
         from xlmr_mini import teacher_cache
-        from xlmr_mini.train import main, run_seed
-from xlmr_mini.train_config import parse_config
+        from xlmr_mini.train import main
         write = teacher_cache._write
         def write_then_die(tmp, *a, **kw):
             write(tmp, *a, **kw)  # every row written, meta.json not yet
@@ -235,9 +224,9 @@ def test_auto_says_why_it_is_off_and_on_that_cannot_be_kept_is_bad_input(teacher
     assert not (tmp_path / "tc").exists()
 
 
-def test_under_torchrun_rank_0_builds_and_each_rank_reads_its_rows(teacher_no_dropout, cache, tmp_path):
-    teacher = teacher_no_dropout
-    common = ("--hidden", "32", "--teacher-cache-dir", str(tmp_path / "tc"))
+def test_under_torchrun_rank_0_builds_and_each_rank_reads_its_rows(teacher, cache, tmp_path):
+    # No dropout: each process would draw masks for its own rows (see test_distributed).
+    common = ("--hidden", "32", "--teacher-cache-dir", str(tmp_path / "tc"), "--dropout", "0", "--attention-dropout", "0")
     main(_args(teacher, cache, tmp_path / "one", *common, "--teacher-cache", "off"))
     code, out = _finish(_torchrun(_args(teacher, cache, tmp_path / "two", *common, "--teacher-cache", "on"),
                                   uuid.uuid4().hex))
