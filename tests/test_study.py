@@ -1,6 +1,7 @@
 """`python -m xlmr_mini.study`: every plan on the demo, run sharing, kill -9 and rerun, commands,
 and the real tsm folder with an XLM-R-layout base."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -96,6 +97,14 @@ def test_a_second_study_trains_nothing(demo_study, cache, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/results.json")} == before
 
 
+def test_each_teacher_cache_is_built_once_as_its_own_stage(demo_study, cache):
+    out, _ = demo_study
+    stages = [json.loads(p.read_text()) for p in (out / "runs").glob("teacher-cache-*/cache.json")]
+    # table2/5 and figure2/3 (all languages: one per subset), table3 (seen, english), table4 (english)
+    assert len(stages) == 5 + 2 + 1
+    assert sorted(Path(s["cache"]) for s in stages) == sorted(p for p in (cache / "teacher").iterdir())
+
+
 def test_runs_are_shared_between_plans(demo_study):
     out, _ = demo_study
     t2 = {r["run"] for r in _rows(out / "table2.csv") if r["row"] == "from-teacher, 1L/128" and r["column"] == "KD"}
@@ -109,14 +118,19 @@ def test_dry_run_and_emitted_commands(demo_study, cache, tmp_path, capsys):
     main(["table4", "--data", "demo", "--seeds", "3", "--out", str(out), "--cache-dir", str(cache), "--dry-run"] + QUICK)
     printed = capsys.readouterr().out
     assert "estimated time" in printed and "table4" in printed
+    assert "teacher caches: 1, " in printed and "MB of disk in" in printed
     assert len([line for line in printed.splitlines() if "student-" in line and "done" not in line]) == 3
     cmds = tmp_path / "cmds.txt"
     main(["table3", "--data", "demo", "--seeds", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
           "--emit-commands", str(cmds)] + QUICK)
     lines = cmds.read_text().splitlines()
     stages = [i for i, line in enumerate(lines) if line.startswith("# stage")]
-    assert len(stages) == 2
-    teachers, students = lines[stages[0] + 1:stages[1]], lines[stages[1] + 1:]
+    assert len(stages) == 3  # the teacher; its caches and the NON-KD students; the KD students
+    teachers, second, third = lines[stages[0] + 1:stages[1]], lines[stages[1] + 1:stages[2]], lines[stages[2] + 1:]
+    caches = [line for line in second if " -m xlmr_mini.cache_teacher " in line]
+    assert len(caches) == 2  # one per training split (seen, english), shared by every init and seed
+    assert all("--no-kd" not in line and " -m xlmr_mini.train " in line for line in third)
+    students = [line for line in second if line not in caches] + third
     assert len(teachers) == 1 and "--teacher" not in teachers[0] and len(students) == 12
     teacher_dir = teachers[0].split("--out ")[1].split()[0]
     for line in students:

@@ -19,6 +19,10 @@ from xlmr_mini.copy_weights import INITS
 from xlmr_mini.train_config import PAPER_EVAL_STEPS, TrainConfig, parse_config
 
 PLANS = ("table2", "table3", "table4", "table5", "figure2", "figure3")
+RESULT_FILES = {"train": "results.json", "evaluate": "scores.json", "cache_teacher": "cache.json"}
+# Student flags that do not enter the teacher cache's key: every student of a teacher that differs
+# only in these reads one cache (both widths, every init and seed).
+NOT_IN_CACHE_KEY = ("init", "base", "hidden", "seeds", "no-kd")
 SUBSETS = (0.01, 0.05, 0.1, 0.2, 1.0)  # Figure 2: stratified fractions of the training data
 # §3.1's evaluation steps by section: 3.2 (all languages; also §4), 3.3 (seen), 3.4 (English).
 SECTION_LANGS = {"3.2": "all", "3.3": "seen", "3.4": "english"}
@@ -56,7 +60,7 @@ PAPER = {
 
 @dataclasses.dataclass
 class Run:
-    """One command of the study. `tool` is "train" or "evaluate"; `argv` its flags, without --out
+    """One command of the study. `tool` is "train", "evaluate" or "cache_teacher"; `argv` its flags, without --out
     (or --json), which the run's directory supplies; `after` the runs that must finish first."""
 
     name: str
@@ -72,8 +76,9 @@ class Run:
 
     @property
     def result_file(self) -> str:
-        """What a finished run leaves in its directory: train's results.json, evaluate's --json."""
-        return "results.json" if self.tool == "train" else "scores.json"
+        """What a finished run leaves in its directory: train's results.json, evaluate's --json,
+        cache_teacher's cache.json."""
+        return RESULT_FILES[self.tool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +161,14 @@ class Planner:
         width = hidden or self.base_hidden
         name = (f"student-{init}-{'kd' if kd else 'nokd'}-{width}-{langs}"
                 + (f"-{subset:g}" if subset < 1.0 else "") + f"-seed{seed}")
-        return self.add(plan, name, "train", flags, after=[teacher.key])
+        after = [teacher.key] + ([self.teacher_cache(plan, teacher, flags, langs, subset).key] if kd else [])
+        return self.add(plan, name, "train", flags, after=after)
+
+    def teacher_cache(self, plan: str, teacher: Run, student_flags: dict, langs: str, subset: float) -> Run:
+        """The stage that computes the teacher's outputs once for the KD students that read them."""
+        flags = {k: v for k, v in student_flags.items() if k not in NOT_IN_CACHE_KEY}
+        name = f"teacher-cache-{langs}" + (f"-{subset:g}" if subset < 1.0 else "")
+        return self.add(plan, name, "cache_teacher", flags, after=[teacher.key])
 
     def copied_student(self, plan: str, teacher: Run) -> Run:
         flags = {"init": "from-teacher", "teacher": self.path(teacher) / "best", "data": self.s.data,

@@ -165,7 +165,8 @@ class TeacherCache:
     """A complete cache, memory-mapped: `read(index, length)` gives a batch's teacher `Output`."""
 
     def __init__(self, path: Path, spec: CacheSpec, lengths: np.ndarray, dtypes: dict[str, torch.dtype]):
-        self.spec, self.lengths, self.dtypes = spec, lengths, dtypes
+        self.path, self.spec, self.lengths, self.dtypes = path, spec, lengths, dtypes
+        self.bytes = cache_bytes(spec, lengths, dtypes)
         self.offsets = {f: spec.offsets(f, lengths) for f in spec.fields()}
         self.files = {f: np.memmap(path / f"{f}.bin", dtype=_STORED[dtypes[f]][1], mode="r")
                       for f in spec.fields() if self.offsets[f][-1] > 0}
