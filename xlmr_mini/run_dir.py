@@ -132,9 +132,7 @@ def save_best(path: Path, ctx: StepContext, tokenizer_file: Path, save_vocab: st
     elif save_vocab == "full":
         save_hf(path, full_config(cfg, ctx.vocab), expand_state_dict(state, ctx.vocab, untouched_scale), tokenizer_file)
     else:
-        tokenizer = trim_tokenizer(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")), ctx.vocab)
-        save_hf(path, cfg, state)
-        atomic_write(path / "tokenizer.json", json.dumps(tokenizer, ensure_ascii=False))
+        save_hf(path, cfg, state, trim_tokenizer(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")), ctx.vocab))
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "best", "checkpoint", ".checkpoint.tmp", ".checkpoint.old")
