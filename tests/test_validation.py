@@ -161,7 +161,7 @@ def test_malformed_config_is_one_line(changes, expect, model, tmp_path, capsys):
     assert str(bad / "config.json") in err and expect in err, err
 
 
-@pytest.mark.parametrize("content, expect", [("[1, 2]", "got list"), ("null", "got NoneType")])
+@pytest.mark.parametrize("content, expect", [("[1, 2]", "got list"), ("null", "got null")])
 def test_config_that_is_not_an_object(content, expect, model, cache, tmp_path, capsys):
     bad = _variant(model, tmp_path / "bad")
     (bad / "config.json").write_text(content)
