@@ -86,8 +86,9 @@ def expected_shapes(cfg: XLMRConfig) -> dict[str, tuple[int, ...]]:
 
 def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
                     source: str) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Canonical keys, each known and of the shape the config implies; other models' heads
-    (LM head, pooler) are dropped and their names returned. Unknown keys and wrong shapes raise."""
+    """Canonical keys, each known, of the shape the config implies and finite; other models' heads
+    (LM head, pooler) are dropped and their names returned. Unknown keys, wrong shapes and NaN or
+    infinite weights raise."""
     kept, ignored = {}, set()
     for key, tensor in tensors.items():
         key = canonical_key(key)
@@ -97,6 +98,10 @@ def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[in
             raise InputError(f"{source}: unexpected tensor {key!r} (not part of an XLM-R classifier)")
         elif tuple(tensor.shape) != shapes[key]:
             raise InputError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {shapes[key]}")
+        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InputError(f"{source}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                             f"the model is damaged (saved from a diverged run?)")
         else:
             kept[key] = tensor
     return kept, ignored
@@ -212,6 +217,24 @@ def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor]
 
 def save_model(path: str | Path, model: XLMRClassifier, tokenizer_file: str | Path | None = None) -> Path:
     return save_hf(path, model.cfg, hf_state_dict(model), tokenizer_file)
+
+
+def check_model_dir(path: str | Path, flag: str) -> Path:
+    """`path` as a model directory given by `flag`, or one line saying why it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{flag} {path}: no such directory")
+    if not path.is_dir():
+        raise InputError(f"{flag} {path}: not a directory (give the model's directory, which holds config.json "
+                         f"and the weights)")
+    return path
+
+
+def check_tokenizer(tokenizer_size: int, tokenizer_file: str | Path, cfg: XLMRConfig, model: str) -> None:
+    """A model reads the ids of its own tokenizer: one word-embedding row per piece."""
+    if tokenizer_size != cfg.vocab_size:
+        raise InputError(f"{tokenizer_file}: {tokenizer_size} pieces, but {model} has {cfg.vocab_size} "
+                         f"word-embedding rows; a model needs its own tokenizer")
 
 
 def find_tokenizer(path: str | Path) -> Path | None:

@@ -42,7 +42,7 @@ from xlmr_mini.progress import Progress
 from xlmr_mini.results import best_seed, finish_seed, report
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, publish_best,
                                remove_checkpoint, rng_state, save_best, save_checkpoint, seed_dirs)
-from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare
+from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare, resolve_run_precision
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
 
 
@@ -85,7 +85,8 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
     started = time.time()
     train_enc = setup.splits["train"]
     pad_id = setup.tokenizer.pad_id
-    steps_per_epoch = len(epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=0, pad_id=pad_id))
+    steps_per_epoch = len(epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=0, pad_id=pad_id,
+                                        group_by_length=cfg.group_by_length))
     total = cfg.max_steps or setup.epochs * steps_per_epoch
     eval_every = cfg.eval_steps or steps_per_epoch
     ctx = build_context(cfg, setup, seed, device, total)
@@ -104,7 +105,8 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
     try:
         while prog.step < limit:
             epoch, k = divmod(prog.step, steps_per_epoch)
-            batches = epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id)
+            batches = epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id,
+                                    group_by_length=cfg.group_by_length)
             for batch in batches[k:]:
                 _one_step(loop, batch, epoch)
                 if prog.step >= limit:
@@ -122,7 +124,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
     finally:
         log.close()
     bar.close()
-    results = finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, "bf16" if ctx.bf16 else "fp32")
+    results = finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, cfg.precision)
     if not cfg.keep_checkpoint:
         distributed.on_main(remove_checkpoint, out / "checkpoint")
     return results
@@ -146,9 +148,13 @@ def _one_step(loop: Loop, batch: dict, epoch: int) -> None:
                         **mean, "samples_per_s": round(mean["samples_per_s"], 1)})
         prog.window, prog.window_steps = {}, 0
     loop.bar.update(prog.step, values["loss"])
-    if prog.step % loop.eval_every == 0 or prog.step == loop.total:
+    # The last step is evaluated off the --eval-steps grid only with --eval-last-step, or when the
+    # run has had no evaluation at all (there must be a best model to report).
+    last = prog.step == loop.total
+    if prog.step % loop.eval_every == 0 or (last and (cfg.eval_last_step or prog.last_eval_step == 0)):
         _evaluate_dev(loop)
-    if prog.step % loop.save_every == 0 or prog.step == loop.total:
+    # A finished run's checkpoint is written only to be kept (--keep-checkpoint).
+    if prog.step % loop.save_every == 0 or (last and cfg.keep_checkpoint):
         _save_checkpoint(loop.out, ctx, prog)
 
 
@@ -215,6 +221,7 @@ def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool, label
     elif cfg.is_demo and arch is None and cfg.teacher is None and cfg.base is None:
         arch = demo_architecture(load_task("demo", cache_dir=cfg.cache_dir))  # from-scratch takes its sizes
     setup = prepare(cfg, teacher_dir=teacher, arch=arch)
+    cfg = resolve_run_precision(cfg, setup, device)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     distributed.on_main(claim_out, cfg, out)
     runs = []
