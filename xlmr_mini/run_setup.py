@@ -3,6 +3,7 @@ context (`build_context`): data, tokenizer and labels; the student as `--init` s
 `copy_weights.init_student`); the frozen teacher for KD; optimizer and schedule.
 """
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -34,6 +35,7 @@ from xlmr_mini.vocab import WORD_KEY, VocabTrim, always_kept, kept_ids, trim_con
 class Setup:
     task: TaskData
     tokenizer_file: Path
+    tokenizer: Tokenizer  # loaded once: XLM-R's tokenizer.json takes seconds to read
     teacher_dir: Path | None  # the teacher used for init and/or KD (None: no teacher)
     labels: tuple[str, ...]  # the model's label order
     splits: dict[str, EncodedSplit]  # train, dev (the examples that select the checkpoint), final
@@ -72,11 +74,11 @@ def prepare(cfg: TrainConfig, teacher_dir: Path | None = None, arch: XLMRConfig 
     final_name, note = final_split(task)
     splits = _encode(cfg, task, tokenizer, remap, final_name)
     _check_save_vocab(cfg, Path(tok))
-    vocab = None if cfg.no_trim else task_vocab(splits, Path(tok))
+    vocab = None if cfg.no_trim else task_vocab(splits, tokenizer)
     if vocab is not None:
         splits = {name: vocab.to_task(enc) for name, enc in splits.items()}
-    setup = Setup(task=task, tokenizer_file=Path(tok), teacher_dir=teacher_dir, labels=labels, splits=splits,
-                  final_name=final_name, final_note=note, arch=arch, vocab=vocab,
+    setup = Setup(task=task, tokenizer_file=Path(tok), tokenizer=tokenizer, teacher_dir=teacher_dir, labels=labels,
+                  splits=splits, final_name=final_name, final_note=note, arch=arch, vocab=vocab,
                   select_langs=tuple(sorted(set(splits["dev"].langs))),
                   epochs=cfg.epochs or (DEMO_EPOCHS if cfg.is_demo else PAPER_EPOCHS),
                   lr=cfg.lr if cfg.lr is not None else (DEMO_LR if cfg.is_demo else PAPER_LR))
@@ -95,6 +97,9 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise InputError("--base: from-base copies a pretrained base model; give its directory (e.g. xlm-roberta-base)")
     if not 0.0 < cfg.subset <= 1.0:
         raise InputError(f"--subset {cfg.subset}: must be a fraction in (0, 1]")
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--report-to tensorboard: the tensorboard package is not installed; "
+                         "pip install -e \".[tensorboard]\"")
     for flag, model in (("--teacher", cfg.teacher), ("--base", cfg.base)):
         if model is not None:
             check_model_dir(model, flag)
@@ -132,13 +137,12 @@ def _check_save_vocab(cfg: TrainConfig, tokenizer_file: Path) -> None:
                          f"can be trimmed")
 
 
-def task_vocab(splits: dict[str, EncodedSplit], tokenizer_file: Path) -> VocabTrim:
+def task_vocab(splits: dict[str, EncodedSplit], tokenizer: Tokenizer) -> VocabTrim:
     """The rows training needs: every token of every split the student runs on (train, dev, the
     reported split: a row of a token seen only in evaluation is never trained, but it is looked
     up), and the tokenizer's special tokens. Training on these rows alone is exact (see `vocab`)."""
-    tokenizer = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
-    full_size = Tokenizer(tokenizer_file).vocab_size
-    return kept_ids((enc.tokens for enc in splits.values()), full_size, always_kept(tokenizer))
+    spec = json.loads(tokenizer.path.read_text(encoding="utf-8"))
+    return kept_ids((enc.tokens for enc in splits.values()), tokenizer.vocab_size, always_kept(spec))
 
 
 def student_spec(cfg: TrainConfig, setup: Setup) -> StudentSpec:
@@ -198,6 +202,7 @@ def load_teacher(setup: Setup, device, vocab: VocabTrim | None = None) -> XLMRCl
 def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int) -> StepContext:
     torch.manual_seed(seed)
     scfg, sd = initial_student(cfg, setup, seed)
+    scfg = with_dropout(cfg, scfg)
     vocab = None
     if setup.vocab is not None:
         vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=sd[WORD_KEY].float())
@@ -212,7 +217,7 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         proj = HiddenProjection(scfg.hidden_size, teacher.cfg.hidden_size, cfg.hid_proj).to(device)
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, setup.lr, cfg.weight_decay)
-    bf16 = run_precision(cfg, device, scfg, teacher) == "bf16"
+    bf16 = cfg.precision == "bf16"  # resolved by `resolve_run_precision`
     if bf16 and teacher is not None:
         bf16_frozen_linears(teacher)
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
@@ -225,7 +230,27 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
     return ctx
 
 
-def run_precision(cfg: TrainConfig, device, student_cfg: XLMRConfig, teacher: XLMRClassifier | None) -> str:
-    """--precision resolved for this hardware and these models (the widest sets the matmul sizes)."""
-    hidden = max(student_cfg.hidden_size, teacher.cfg.hidden_size if teacher is not None else 0)
-    return resolve_precision(cfg.precision, device, hidden, cfg.cache_dir or default_cache_dir())
+def with_dropout(cfg: TrainConfig, student_cfg: XLMRConfig) -> XLMRConfig:
+    """The student's config with --dropout (hidden states; the head follows it) and
+    --attention-dropout applied."""
+    changes = {}
+    if cfg.dropout is not None:
+        changes.update(hidden_dropout_prob=cfg.dropout, classifier_dropout=None)
+    if cfg.attention_dropout is not None:
+        changes["attention_probs_dropout_prob"] = cfg.attention_dropout
+    return student_cfg.replace(**changes)
+
+
+def resolve_run_precision(cfg: TrainConfig, setup: Setup, device) -> TrainConfig:
+    """`cfg` with --precision resolved for this hardware and the widest model of the run (which
+    sets the matmul sizes): the student, and the teacher when it distils. The resolved value is
+    part of the run's identity, so an fp32 run and a bf16 run never share a directory."""
+    def width(path) -> int:
+        return XLMRConfig.from_hf(path).hidden_size
+
+    source = {"from-teacher": setup.teacher_dir, "from-base": cfg.base}.get(cfg.init) or setup.teacher_dir or cfg.base
+    arch = setup.arch.hidden_size if setup.arch is not None else 0  # none: initial_student says what is missing
+    student = cfg.hidden or (width(source) if source is not None else arch)
+    hidden = max(student, width(setup.teacher_dir) if not cfg.no_kd and setup.teacher_dir is not None else 0)
+    precision = resolve_precision(cfg.precision, device, hidden, cfg.cache_dir or default_cache_dir())
+    return dataclasses.replace(cfg, precision=precision)
