@@ -3,6 +3,7 @@ and the real tsm folder with an XLM-R-layout base."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def _table_rows(md: str, metric_heading: str) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def demo_study(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    written = main(["all", "--data", "demo", "--seeds", "1", "2", "--out", str(out), "--cache-dir", str(cache)] + QUICK)
+    written = main(["all", "--data", "demo", "--seed", "1", "2", "--out", str(out), "--cache-dir", str(cache)] + QUICK)
     return out, written
 
 
@@ -125,7 +126,7 @@ def test_teachers_train_with_every_seed_and_the_best_teaches(demo_study):
 def test_a_second_study_trains_nothing(demo_study, cache, capsys):
     out, _ = demo_study
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/results.json")}
-    main(["table5", "--data", "demo", "--seeds", "1", "2", "--out", str(out), "--cache-dir", str(cache)] + QUICK)
+    main(["table5", "--data", "demo", "--seed", "1", "2", "--out", str(out), "--cache-dir", str(cache)] + QUICK)
     printed = capsys.readouterr().out
     assert "0 to run" in printed
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/results.json")} == before
@@ -141,12 +142,12 @@ def test_runs_are_shared_between_plans(demo_study):
 
 def test_dry_run_and_emitted_commands(demo_study, cache, tmp_path, capsys):
     out, _ = demo_study
-    main(["table4", "--data", "demo", "--seeds", "3", "--out", str(out), "--cache-dir", str(cache), "--dry-run"] + QUICK)
+    main(["table4", "--data", "demo", "--seed", "3", "--out", str(out), "--cache-dir", str(cache), "--dry-run"] + QUICK)
     printed = capsys.readouterr().out
     assert "estimated time" in printed and "table4" in printed
     assert len([line for line in printed.splitlines() if "student-" in line and "done" not in line]) == 3
     cmds = tmp_path / "cmds.txt"
-    main(["table3", "--data", "demo", "--seeds", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
+    main(["table3", "--data", "demo", "--seed", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
           "--emit-commands", str(cmds)] + QUICK)
     lines = cmds.read_text().splitlines()
     stages = [i for i, line in enumerate(lines) if line.startswith("# stage")]
@@ -173,13 +174,15 @@ def test_bad_input_is_one_line_exit_2(cache, capsys, tmp_path):
 
 
 def _study_cmd(out: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "xlmr_mini.study", "table5", "--data", "demo", "--seeds", "1", "--epochs", "2",
+    return [sys.executable, "-m", "xlmr_mini.study", "table5", "--data", "demo", "--seed", "1", "--epochs", "2",
             "--out", str(out), "--cache-dir", str(cache), "--num-threads", "1"]
 
 
-def test_kill_9_then_rerun_gives_the_same_numbers(cache, tmp_path):
-    main(["table5", "--data", "demo", "--seeds", "1", "--epochs", "2", "--out", str(tmp_path / "whole"),
+def test_kill_9_then_rerun_gives_the_same_numbers(cache, tmp_path, capfd):
+    main(["table5", "--data", "demo", "--seed", "1", "--epochs", "2", "--out", str(tmp_path / "whole"),
           "--cache-dir", str(cache), "--num-threads", "1"])
+    err = capfd.readouterr().err  # progress lines name their run, not "seed N"
+    assert re.search(r"^student-from-teacher-kd-\S+-seed1-\w+ \[#", err, re.M) and not re.search(r"^seed \d", err, re.M)
     broken = tmp_path / "broken"
     proc = subprocess.Popen(_study_cmd(broken, cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -205,7 +208,7 @@ def test_real_tsm_with_an_xlmr_layout_base(cache, tmp_path):
     save_hf(base, cfg, scratch_state_dict(cfg, 0), SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json")
     tsm = f"tsm:{SHARED / 'data' / 'tweet_sentiment_multilingual'}"
     common = ["--data", tsm, "--base", str(base), "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
-              "--max-length", "32", "--num-threads", "1", "--seeds", "1"]
+              "--max-length", "32", "--num-threads", "1", "--seed", "1"]
     main(["table5", "--max-steps", "2"] + common)
     main(["table3", "--epochs", "1", "--batch-size", "32"] + common)
     t5 = (tmp_path / "s" / "table5.md").read_text()
@@ -270,3 +273,36 @@ def test_figure3_plots_window_means_read_once(tmp_path):
     assert res.loss_windows(run, 500).tolist() == [250.5, 750.5, 1100.5]  # not read again
     assert "not in the paper" in figure_title("figure3", "tsm") and "not in the paper" in figure_title("figure2", "tsm")
     assert figure_title("figure2", "massive") == "Figure 2"
+
+
+@requires_shared("data", "tweet_sentiment_multilingual")
+@requires_shared("tokenizers", "xlm-roberta", "tokenizer.json")
+def test_dry_run_times_the_trimmed_vocabulary_training_uses(cache, tmp_path, monkeypatch):
+    """--dry-run's step rates come from models with the rows training keeps (tsm: ~35k of XLM-R's
+    250,002), not the whole table."""
+    from xlmr_mini import study_estimate
+    from xlmr_mini.data import encode_split, load_task
+    from xlmr_mini.study import _parser, settings_from
+    from xlmr_mini.tokenizer import Tokenizer
+    from xlmr_mini.vocab import always_kept
+
+    base = tmp_path / "base"
+    cfg = XLMRConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     max_position_embeddings=130)
+    tokenizer = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
+    save_hf(base, cfg, scratch_state_dict(cfg, 0), tokenizer)
+    tsm = f"tsm:{SHARED / 'data' / 'tweet_sentiment_multilingual'}"
+    s, base_cfg = settings_from(_parser().parse_args(["table2", "--data", tsm, "--base", str(base), "--cache-dir",
+                                                      str(cache), "--max-length", "32", "--num-threads", "1"]))
+    sizes = []
+    monkeypatch.setattr(study_estimate, "_seconds", lambda ctx, batch, device: sizes.append(
+        (ctx.student.cfg.vocab_size, int(batch["input_ids"].max()))) or 1.0)
+    task = load_task(tsm, cache_dir=str(cache))
+    study_estimate.measure_step_seconds(s, base_cfg, task)
+    tok = Tokenizer(tokenizer)
+    used = set()
+    for split in task.splits.values():
+        used.update(encode_split(split, tok, 32, cache_dir=str(cache)).tokens.tolist())
+    kept = used | set(always_kept(json.loads(tokenizer.read_text(encoding="utf-8"))))
+    assert len(sizes) == 5 and {v for v, _ in sizes} == {len(kept)}
+    assert all(top < vocab < 60_000 for vocab, top in sizes)
