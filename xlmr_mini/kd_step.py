@@ -105,14 +105,16 @@ def train_step(ctx: StepContext, batch: dict, device, real: bool = True) -> dict
     """One optimizer step; returns the loss and its terms. A non-finite loss raises before the
     weights change, so the last checkpoint stays the last good state.
 
+    The values are read from the device once per step, after backward and clipping and before
+    `optimizer.step()`: one GPU-to-host sync, where reading each term before backward took six.
+
     Data parallel (`ctx.parallel`): `batch` is this rank's share of the global batch (`real`
     False: a stand-in row for a rank left without one, which counts for nothing). The loss's
     denominators are the global batch's (all-reduced counts), so each rank's loss is its part of
     the global loss; DDP averages gradients over ranks, so each rank backpropagates its part times
     the world size and the average is the gradient of the global loss. Logged values and the
     finiteness check use the all-reduced (global) loss, so every rank stops together."""
-    input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
+    input_ids, mask, labels = (to_device(batch[k], device) for k in ("input_ids", "attention_mask", "labels"))
     teacher_out = teacher_forward(ctx, input_ids, mask)
     loss_fn = ctx.loss_fn or forward_loss
     args = (input_ids, mask, labels, teacher_out, ctx.loss_cfg, ctx.layer_map, ctx.bf16)
@@ -121,27 +123,35 @@ def train_step(ctx: StepContext, batch: dict, device, real: bool = True) -> dict
         backward = total
     else:
         counts = LossCounts.unstack(distributed.all_reduce_sum(LossCounts.of(mask).stack() * int(real)))
-        with distributed.collective("the forward pass"):  # DDP syncs buffers
+        with distributed.collective("the forward pass"):
             total, terms = ctx.parallel(loss_fn, *args, counts)
         backward = total * (distributed.world_size() * int(real))
-        local = torch.stack([total.detach(), *(v.detach() for v in terms.values())]) * int(real)
-        summed = distributed.all_reduce_sum(local)  # the global batch's loss and terms
-        total, terms = summed[0], dict(zip(terms, summed[1:]))
-    values = {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}
-    # Each term's share of the total, so a term that swamps the others (or a starved L_clf) shows.
-    weights = ctx.loss_cfg.weights()
-    values["share"] = {k: weights[k] * values[k] / values["loss"] if values["loss"] else 0.0 for k in terms}
-    if not math.isfinite(values["loss"]):
-        ctx.optimizer.zero_grad(set_to_none=True)
-        raise TrainingError(f"the loss became {values['loss']} ({', '.join(f'{k}={v:.4g}' for k, v in terms.items())})")
     with distributed.collective("the gradient all-reduce"):
         backward.backward()
     if ctx.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(ctx.params, ctx.max_grad_norm)
+    local = torch.stack([total.detach(), *(v.detach() for v in terms.values())])
+    if ctx.parallel is not None:
+        local = distributed.all_reduce_sum(local * int(real))  # the global batch's loss and terms
+    loss, *term_values = local.tolist()  # the step's one device-to-host sync
+    values = {"loss": loss, **dict(zip(terms, term_values))}
+    # Each term's share of the total, so a term that swamps the others (or a starved L_clf) shows.
+    weights = ctx.loss_cfg.weights()
+    values["share"] = {k: weights[k] * values[k] / loss if loss else 0.0 for k in terms}
+    if not math.isfinite(loss):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"the loss became {loss} ({', '.join(f'{k}={values[k]:.4g}' for k in terms)})")
     ctx.optimizer.step()
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     return values
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A batch tensor on `device`; to a GPU through pinned memory, without waiting for the copy."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:

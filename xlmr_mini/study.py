@@ -122,7 +122,7 @@ def _init_worker(devices) -> None:
     """Each worker process sees one GPU (round robin), or shares the CPU's cores evenly."""
     device = devices.get()
     if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
 
 
 def execute(runs: dict[str, Run], planner: Planner, jobs: int, estimate) -> None:
@@ -161,14 +161,25 @@ def execute(runs: dict[str, Run], planner: Planner, jobs: int, estimate) -> None
             pool.shutdown(cancel_futures=True)
 
 
+def worker_gpus(jobs: int) -> list[str | None]:
+    """The `CUDA_VISIBLE_DEVICES` of each of `jobs` workers: this process's visible GPUs round
+    robin, named as the parent's own `CUDA_VISIBLE_DEVICES` names them (4,5,6,7 stay 4,5,6,7, not
+    0..3); None for every worker without GPUs."""
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        return [None] * jobs
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in visible.split(",")][:gpus] if visible else [str(i) for i in range(gpus)]
+    return [names[i % gpus] for i in range(jobs)]
+
+
 def _pool(jobs: int):
     if jobs == 1:
         return None
     ctx = multiprocessing.get_context("spawn")
     devices = ctx.Manager().Queue()
-    gpus = torch.cuda.device_count()
-    for i in range(jobs):
-        devices.put(i % gpus if gpus else None)
+    for device in worker_gpus(jobs):
+        devices.put(device)
     return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
 
 

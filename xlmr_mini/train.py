@@ -33,7 +33,7 @@ from xlmr_mini.config import XLMRConfig
 from xlmr_mini.data import epoch_batches, load_task
 from xlmr_mini.demo_models import demo_architecture, demo_teacher
 from xlmr_mini.errors import InputError, cli_main
-from xlmr_mini.hardware import resolve_device
+from xlmr_mini.hardware import deterministic_algorithms, resolve_device
 from xlmr_mini.inference import evaluate
 from xlmr_mini.kd_step import TrainingError, train_step
 from xlmr_mini.metrics import metric_key
@@ -86,7 +86,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
                 if prog.step >= limit:
                     break
         if prog.step < total:
-            _save_checkpoint(out, ctx, prog)
+            _save_checkpoint(out, ctx, prog, device)
             bar.close(f"stopped at step {prog.step} of {total} (--stop-after); continue with --resume")
             return {"stopped_at": prog.step}
     except TrainingError as e:
@@ -115,11 +115,11 @@ def _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, ep
     bar.update(prog.step, values["loss"])
     if prog.step % eval_every == 0 or prog.step == total:
         _evaluate_dev(cfg, setup, ctx, prog, out, log, device)
-        _save_checkpoint(out, ctx, prog)
+        _save_checkpoint(out, ctx, prog, device)
 
 
-def _save_checkpoint(out: Path, ctx, prog: Progression) -> None:
-    rng = distributed.all_gather(rng_state())  # every rank's, so each resumes its own dropout draws
+def _save_checkpoint(out: Path, ctx, prog: Progression, device) -> None:
+    rng = distributed.all_gather(rng_state(device))  # every rank's, so each resumes its own dropout draws
     distributed.on_main(save_checkpoint, out / "checkpoint", ctx, dataclasses.asdict(prog), rng)
 
 
@@ -145,6 +145,7 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False)
     main_rank = distributed.is_main()
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(deterministic_algorithms(cfg.deterministic))
             if not main_rank:  # only rank 0 prints
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             return _train(cfg, device, arch, quiet or not main_rank)

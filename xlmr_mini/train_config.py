@@ -99,6 +99,10 @@ class TrainConfig:
                              "with a trimmed tokenizer.json; Unigram tokenizers such as XLM-R's)", choices=SAVE_VOCABS)
     compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
     device: str = _field("auto", "cpu, cuda, or auto")
+    deterministic: bool = _field(False, "PyTorch's deterministic algorithms and cuBLAS's fixed workspace "
+                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower; CPU "
+                                 "runs repeat without it. An operation with no deterministic GPU version stops the run, "
+                                 "named")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
     out: str | None = _field(None, "output directory (default: runs/<data>-<init>-<layers>L-<kd|nokd>)")
     resume: bool = _field(False, "continue the run in --out from its last checkpoint")
@@ -135,7 +139,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that define the run's result (what `run.json` compares)."""
         ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset",
-                   "dist_timeout"}
+                   "dist_timeout", "deterministic"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
