@@ -41,7 +41,7 @@ from xlmr_mini.progress import Progress
 from xlmr_mini.results import finish_seed, report
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, rng_state,
                                save_best, save_checkpoint, seed_dirs)
-from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare
+from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare, resolve_run_precision
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
 
@@ -64,7 +64,8 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     started = time.time()
     train_enc = setup.splits["train"]
     pad_id = Tokenizer(setup.tokenizer_file).pad_id
-    steps_per_epoch = len(epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=0, pad_id=pad_id))
+    steps_per_epoch = len(epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=0, pad_id=pad_id,
+                                        group_by_length=cfg.group_by_length))
     total = cfg.max_steps or setup.epochs * steps_per_epoch
     eval_every = cfg.eval_steps or steps_per_epoch
     ctx = build_context(cfg, setup, seed, device, total)
@@ -80,7 +81,8 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     try:
         while prog.step < limit:
             epoch, k = divmod(prog.step, steps_per_epoch)
-            batches = epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id)
+            batches = epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id,
+                                    group_by_length=cfg.group_by_length)
             for batch in batches[k:]:
                 _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, epoch, device)
                 if prog.step >= limit:
@@ -98,7 +100,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     finally:
         log.close()
     bar.close()
-    return finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, "bf16" if ctx.bf16 else "fp32")
+    return finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, cfg.precision)
 
 
 def _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, epoch, device) -> None:
@@ -113,7 +115,9 @@ def _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, ep
     log.write({"type": "train", "step": prog.step, "epoch": epoch, "lr": lr, "world_size": distributed.world_size(),
                "samples_per_s": round(rate, 1), **values})
     bar.update(prog.step, values["loss"])
-    if prog.step % eval_every == 0 or prog.step == total:
+    # The last step is evaluated off the --eval-steps grid only with --eval-last-step, or when the
+    # run has had no evaluation at all (there must be a best model to report).
+    if prog.step % eval_every == 0 or (prog.step == total and (cfg.eval_last_step or prog.last_eval_step == 0)):
         _evaluate_dev(cfg, setup, ctx, prog, out, log, device)
         _save_checkpoint(out, ctx, prog, device)
 
@@ -166,6 +170,7 @@ def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool) -> di
     elif cfg.is_demo and arch is None and cfg.teacher is None and cfg.base is None:
         arch = demo_architecture(load_task("demo", cache_dir=cfg.cache_dir))  # from-scratch takes its sizes
     setup = prepare(cfg, teacher_dir=teacher, arch=arch)
+    cfg = resolve_run_precision(cfg, setup, device)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     distributed.on_main(claim_out, cfg, out)
     runs = []
