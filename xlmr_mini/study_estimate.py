@@ -10,11 +10,10 @@ import torch
 from xlmr_mini.checkpoint import build_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import StudentSpec, layer_map, scratch_state_dict, student_config
-from xlmr_mini.data import TaskData, encode_split, epoch_batches
-from xlmr_mini.hardware import resolve_device, synchronize
+from xlmr_mini.data import TaskData, default_cache_dir, encode_split, epoch_batches
+from xlmr_mini.hardware import resolve_device, resolve_precision, synchronize
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
 from xlmr_mini.kd_step import StepContext, bf16_frozen_linears, linear_schedule, make_optimizer, train_step
-from xlmr_mini.run_setup import run_precision
 from xlmr_mini.study_plan import Run, StudySettings, common_flags, flags_to_argv, train_config
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import TrainConfig
@@ -36,7 +35,8 @@ def _context(probe: TrainConfig, teacher_cfg: XLMRConfig, spec: StudentSpec | No
     proj = HiddenProjection(student.cfg.hidden_size, teacher_cfg.hidden_size).to(device) if kd else None
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, 1e-5, 0.0)
-    bf16 = run_precision(probe, device, student.cfg, teacher) == "bf16"
+    hidden = max(student.cfg.hidden_size, teacher.cfg.hidden_size if teacher is not None else 0)  # as a run resolves it
+    bf16 = resolve_precision(probe.precision, device, hidden, probe.cache_dir or default_cache_dir()) == "bf16"
     if bf16 and teacher is not None:
         bf16_frozen_linears(teacher)
     return StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=KDLossConfig(kd=kd), layer_map=lmap,
