@@ -1,6 +1,7 @@
 """Branches that run only on CUDA, checked on CPU with stand-ins: device counts and
 `CUDA_VISIBLE_DEVICES` monkeypatched, tensors that report a GPU device, recorded launches and
-CUDA calls. What needs a real GPU is left to the GPU acceptance run."""
+CUDA calls. What needs a real GPU runs where one is present: the compiled kernels
+(test_kernels.py, test_kd_loss.py) and nccl across two GPUs (test_distributed.py)."""
 import contextlib
 import json
 import math
@@ -18,6 +19,7 @@ from xlmr_mini.kd_step import StepContext, Trained, TrainingError, forward_loss,
     to_device, train_step
 from xlmr_mini.kernels import _dispatch
 from xlmr_mini.model import XLMRClassifier, init_weights
+from xlmr_mini.study_plan import Planner, StudySettings, plan_runs
 from xlmr_mini.train_config import TrainConfig
 
 
@@ -241,3 +243,18 @@ def test_kd_step_bench_rows_say_which_kd_loss_ran(impl, capsys, monkeypatch):
     want = TrainConfig().kd_impl if impl == "xlmr_mini" else "fused"
     assert ran == [want]
     assert row["kd_impl"] == (want if want != "fused" else "fused (PyTorch fallback)")
+
+
+def test_study_passes_deterministic_to_every_run_without_changing_its_identity(tmp_path):
+    """`study --deterministic` (for reruns that repeat on a GPU) reaches every training run's
+    flags, and a run keeps its directory: determinism is not part of what a run computes."""
+    args = study._parser().parse_args(["table2", "--deterministic"])
+    assert args.deterministic is True and study._parser().parse_args(["table2"]).deterministic is None
+    runs = {}
+    for overrides in ((), (("deterministic", True),)):
+        settings = StudySettings(data="demo", base=str(tmp_path), seeds=(1,), out=tmp_path, overrides=overrides)
+        runs[overrides] = plan_runs(["table2"], Planner(settings, 2, 128))
+    plain, det = runs.values()
+    assert plain.keys() == det.keys()
+    assert all("--deterministic" in r.argv for r in det.values() if r.tool == "train")
+    assert not any("--deterministic" in r.argv for r in plain.values())

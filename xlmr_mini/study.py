@@ -49,6 +49,7 @@ from xlmr_mini.train_config import DEMO_EPOCHS, TrainConfig, check_seeds
 DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, DEMO_EPOCHS
 OVERRIDES = ("epochs", "max_steps", "batch_size", "eval_steps", "lr", "max_length", "device", "num_threads",
              "cache_dir")
+SWITCHES = ("deterministic",)  # on/off flags passed to every run, like OVERRIDES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         kind = int if name in ("epochs", "max_steps", "batch_size", "eval_steps", "max_length", "num_threads") else \
             float if name == "lr" else str
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"passed to every run's --{name.replace('_', '-')}")
+    for name in SWITCHES:  # None unless given, so a study without them keeps its runs' flags
+        p.add_argument("--" + name, action="store_true", default=None, help=f"passed to every run's --{name}")
     return p
 
 
@@ -94,7 +97,8 @@ def settings_from(args) -> tuple[StudySettings, XLMRConfig]:
             raise InputError("--base: give the pretrained base directory (e.g. xlm-roberta-base); only the demo has its own")
         base = str(demo_base(args.cache_dir))
     base_cfg = XLMRConfig.from_hf(base)
-    overrides = {name.replace("_", "-"): getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    overrides = {name.replace("_", "-"): getattr(args, name) for name in OVERRIDES + SWITCHES
+                 if getattr(args, name) is not None}
     TrainConfig(**{name.replace("-", "_"): value for name, value in overrides.items()})  # checks their ranges
     shortened = "epochs" in overrides or "max-steps" in overrides
     if kind == "demo":
