@@ -56,8 +56,8 @@ def _args(teacher: Path, cache: Path, out: Path, steps: int, eval_steps: int, de
     # on CPU processes even on a GPU machine (where auto would pick nccl, one GPU per rank).
     return ["--init", "from-teacher", "--teacher", str(teacher), "--layers", "1", "--hidden", "32",
             "--batch-size", "16", "--max-steps", str(steps), "--eval-steps", str(eval_steps),
-            "--cache-dir", str(cache), "--num-threads", "1", "--out", str(out), "--dropout", "0", "--attention-dropout", "0",
-            "--device", device]
+            "--cache-dir", str(cache), "--num-threads", "1", "--keep-checkpoint", "--out", str(out), "--dropout", "0",
+            "--attention-dropout", "0", "--device", device]
 
 
 def _free_port() -> int:
@@ -99,9 +99,12 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(wb[key], wa[key], atol=atol, rtol=1e-4, msg=key)
 
 
-def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path):
+@pytest.mark.parametrize("accum", [1, 3], ids=["one-pass", "grad-accum"])
+def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path, accum):
+    """Also with --grad-accum: each process runs its share in passes, gradients all-reduced once."""
     main(_args(teacher, cache, tmp_path / "one", 6, 3))
-    code, out = _finish(_torchrun(_args(teacher, cache, tmp_path / "two", 6, 3), uuid.uuid4().hex))
+    two_args = _args(teacher, cache, tmp_path / "two", 6, 3) + ["--grad-accum", str(accum)]
+    code, out = _finish(_torchrun(two_args, uuid.uuid4().hex))
     assert code == 0, out[-3000:]
     _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
     two = [r for r in _records(tmp_path / "two") if r["type"] == "train"]

@@ -1,7 +1,9 @@
 """`python -m xlmr_mini.study`: every plan on the demo, run sharing, kill -9 and rerun, commands,
 and the real tsm folder with an XLM-R-layout base."""
 import csv
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +41,7 @@ def _table_rows(md: str, metric_heading: str) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def demo_study(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    written = main(["all", "--data", "demo", "--seeds", "1", "2", "--out", str(out), "--cache-dir", str(cache)] + QUICK)
+    written = main(["all", "--data", "demo", "--seed", "1", "2", "--out", str(out), "--cache-dir", str(cache)] + QUICK)
     return out, written
 
 
@@ -90,7 +92,7 @@ def test_table5_has_the_majority_class_row(demo_study):
 def test_a_second_study_trains_nothing(demo_study, cache, capsys):
     out, _ = demo_study
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/results.json")}
-    main(["table5", "--data", "demo", "--seeds", "1", "2", "--out", str(out), "--cache-dir", str(cache)] + QUICK)
+    main(["table5", "--data", "demo", "--seed", "1", "2", "--out", str(out), "--cache-dir", str(cache)] + QUICK)
     printed = capsys.readouterr().out
     assert "0 to run" in printed
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/results.json")} == before
@@ -106,12 +108,12 @@ def test_runs_are_shared_between_plans(demo_study):
 
 def test_dry_run_and_emitted_commands(demo_study, cache, tmp_path, capsys):
     out, _ = demo_study
-    main(["table4", "--data", "demo", "--seeds", "3", "--out", str(out), "--cache-dir", str(cache), "--dry-run"] + QUICK)
+    main(["table4", "--data", "demo", "--seed", "3", "--out", str(out), "--cache-dir", str(cache), "--dry-run"] + QUICK)
     printed = capsys.readouterr().out
     assert "estimated time" in printed and "table4" in printed
     assert len([line for line in printed.splitlines() if "student-" in line and "done" not in line]) == 3
     cmds = tmp_path / "cmds.txt"
-    main(["table3", "--data", "demo", "--seeds", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
+    main(["table3", "--data", "demo", "--seed", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
           "--emit-commands", str(cmds)] + QUICK)
     lines = cmds.read_text().splitlines()
     stages = [i for i, line in enumerate(lines) if line.startswith("# stage")]
@@ -136,13 +138,15 @@ def test_bad_input_is_one_line_exit_2(cache, capsys, tmp_path):
 
 
 def _study_cmd(out: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "xlmr_mini.study", "table5", "--data", "demo", "--seeds", "1", "--epochs", "2",
+    return [sys.executable, "-m", "xlmr_mini.study", "table5", "--data", "demo", "--seed", "1", "--epochs", "2",
             "--out", str(out), "--cache-dir", str(cache), "--num-threads", "1"]
 
 
-def test_kill_9_then_rerun_gives_the_same_numbers(cache, tmp_path):
-    main(["table5", "--data", "demo", "--seeds", "1", "--epochs", "2", "--out", str(tmp_path / "whole"),
+def test_kill_9_then_rerun_gives_the_same_numbers(cache, tmp_path, capfd):
+    main(["table5", "--data", "demo", "--seed", "1", "--epochs", "2", "--out", str(tmp_path / "whole"),
           "--cache-dir", str(cache), "--num-threads", "1"])
+    err = capfd.readouterr().err  # progress lines name their run, not "seed N"
+    assert re.search(r"^student-from-teacher-kd-\S+-seed1-\w+ \[#", err, re.M) and not re.search(r"^seed \d", err, re.M)
     broken = tmp_path / "broken"
     proc = subprocess.Popen(_study_cmd(broken, cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -168,7 +172,7 @@ def test_real_tsm_with_an_xlmr_layout_base(cache, tmp_path):
     save_hf(base, cfg, scratch_state_dict(cfg, 0), SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json")
     tsm = f"tsm:{SHARED / 'data' / 'tweet_sentiment_multilingual'}"
     common = ["--data", tsm, "--base", str(base), "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
-              "--max-length", "32", "--num-threads", "1", "--seeds", "1"]
+              "--max-length", "32", "--num-threads", "1", "--seed", "1"]
     main(["table5", "--max-steps", "2"] + common)
     main(["table3", "--epochs", "1", "--batch-size", "32"] + common)
     t5 = (tmp_path / "s" / "table5.md").read_text()
@@ -178,3 +182,36 @@ def test_real_tsm_with_an_xlmr_layout_base(cache, tmp_path):
     assert {r["reported_split"] for r in records} == {"dev"}
     rows = _table_rows((tmp_path / "s" / "table3.md").read_text(), "micro-F1 (the paper's F1):")
     assert rows[1][3:] == ["53.99", "54.02"]  # the paper's from-teacher row beside ours
+
+
+@requires_shared("data", "tweet_sentiment_multilingual")
+@requires_shared("tokenizers", "xlm-roberta", "tokenizer.json")
+def test_dry_run_times_the_trimmed_vocabulary_training_uses(cache, tmp_path, monkeypatch):
+    """--dry-run's step rates come from models with the rows training keeps (tsm: ~35k of XLM-R's
+    250,002), not the whole table."""
+    from xlmr_mini import study_estimate
+    from xlmr_mini.data import encode_split, load_task
+    from xlmr_mini.study import _parser, settings_from
+    from xlmr_mini.tokenizer import Tokenizer
+    from xlmr_mini.vocab import always_kept
+
+    base = tmp_path / "base"
+    cfg = XLMRConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     max_position_embeddings=130)
+    tokenizer = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
+    save_hf(base, cfg, scratch_state_dict(cfg, 0), tokenizer)
+    tsm = f"tsm:{SHARED / 'data' / 'tweet_sentiment_multilingual'}"
+    s, base_cfg = settings_from(_parser().parse_args(["table2", "--data", tsm, "--base", str(base), "--cache-dir",
+                                                      str(cache), "--max-length", "32", "--num-threads", "1"]))
+    sizes = []
+    monkeypatch.setattr(study_estimate, "_seconds", lambda ctx, batch, device: sizes.append(
+        (ctx.student.cfg.vocab_size, int(batch["input_ids"].max()))) or 1.0)
+    task = load_task(tsm, cache_dir=str(cache))
+    study_estimate.measure_step_seconds(s, base_cfg, task)
+    tok = Tokenizer(tokenizer)
+    used = set()
+    for split in task.splits.values():
+        used.update(encode_split(split, tok, 32, cache_dir=str(cache)).tokens.tolist())
+    kept = used | set(always_kept(json.loads(tokenizer.read_text(encoding="utf-8"))))
+    assert len(sizes) == 5 and {v for v, _ in sizes} == {len(kept)}
+    assert all(top < vocab < 60_000 for vocab, top in sizes)

@@ -176,10 +176,13 @@ def shard_batch(batch: dict) -> tuple[dict, bool]:
     if world_size() == 1:
         return batch, True
     rows = share_rows(batch["attention_mask"].sum(dim=1).tolist(), rank(), world_size())
-    real = bool(rows)
-    rows = rows or [0]
+    return take_rows(batch, rows or [0]), bool(rows)
+
+
+def take_rows(batch: dict, rows: list[int]) -> dict:
+    """These rows of a batch (tensors and lists alike)."""
     index = torch.tensor(rows)
-    return {k: v[index] if torch.is_tensor(v) else [v[i] for i in rows] for k, v in batch.items()}, real
+    return {k: v[index] if torch.is_tensor(v) else [v[i] for i in rows] for k, v in batch.items()}
 
 
 def share_rows(lengths: list[int], rank: int, world: int) -> list[int]:

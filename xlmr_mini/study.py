@@ -32,7 +32,7 @@ from xlmr_mini.checkpoint import check_model_dir
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.data import TaskData, load_task, select_languages, stratified_subset
 from xlmr_mini.demo_models import demo_base
-from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
+from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main, deprecated_alias
 from xlmr_mini.evaluate import main as evaluate_main
 from xlmr_mini.files import atomic_write, check_output_dir, check_output_file
 from xlmr_mini.hardware import resolve_device
@@ -57,8 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("plan", choices=PLANS + ("all",), help="which table or figure of the paper (or all)")
     p.add_argument("--data", default="demo", help="massive:PATH, tsm:PATH or demo (default: demo)")
     p.add_argument("--base", help="pretrained base HF directory, e.g. xlm-roberta-base (the demo has its own)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="student seeds (default: 1 2 3, the paper's)")
-    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory (default: runs/study)")
+    p.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="student seeds; teachers take the first (default: 1 2 3, the paper's)")
+    deprecated_alias(p, "--seeds", "--seed", dest="seeds", type=int, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("runs/study"),
+                   help="study directory: PLAN.md, PLAN.csv, the figures, and runs/ with every run's directory "
+                   "(default: runs/study)")
     p.add_argument("--jobs", type=int, help="runs at once, one GPU each when there are GPUs (default: the number of "
                    "GPUs; without: 1, or one per CPU core for the demo, whose runs use one thread each)")
     p.add_argument("--dry-run", action="store_true", help="list the runs with a time estimate; train nothing")
@@ -127,7 +131,7 @@ def run_one(run: Run, out: Path) -> None:
     """Train (or evaluate) one run into `out`; a finished run returns at once."""
     if run.tool == "train":
         try:
-            train(train_config(run, out), quiet=True)
+            train(train_config(run, out), quiet=True, label=run.dir_name)
         except TrainingError as e:
             raise TrainingError(f"run {out}: {e}") from None
     elif not (out / run.result_file).is_file():

@@ -1,6 +1,8 @@
 """Measured step rates for the study's time estimates: a few real optimizer steps of each model
 shape a study trains (the teacher without KD; half-depth students, full and half width, with and
-without KD), on a real batch of the data, with randomly initialized weights of the base's sizes.
+without KD), on a real batch of the data, with randomly initialized weights of the base's sizes
+and the vocabulary training keeps (the rows of the data's tokens, `run_setup.task_vocab`; not
+XLM-R's 250k rows, whose embedding and optimizer update would dominate the time).
 """
 import time
 from pathlib import Path
@@ -14,9 +16,11 @@ from xlmr_mini.data import TaskData, default_cache_dir, encode_split, epoch_batc
 from xlmr_mini.hardware import resolve_device, resolve_precision, synchronize
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
 from xlmr_mini.kd_step import StepContext, bf16_frozen_linears, linear_schedule, make_optimizer, train_step
+from xlmr_mini.run_setup import task_vocab
 from xlmr_mini.study_plan import Run, StudySettings, common_flags, flags_to_argv, train_config
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import TrainConfig
+from xlmr_mini.vocab import trim_config
 
 PROBE_STEPS = 3  # timed, after one warm-up step
 
@@ -62,10 +66,14 @@ def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig, task: TaskData)
     if probe.num_threads:
         torch.set_num_threads(probe.num_threads)
     try:
-        tok = Tokenizer(task.tokenizer_path or Path(s.base) / "tokenizer.json")
-        enc = encode_split(task.splits["train"], tok, probe.max_length, cache_dir=probe.cache_dir)
-        batch = epoch_batches(enc, probe.batch_size, seed=0, epoch=0, pad_id=tok.pad_id)[0]
-        teacher_cfg = base_cfg.replace(id2label=task.labels)
+        tok_file = task.tokenizer_path or Path(s.base) / "tokenizer.json"
+        tok = Tokenizer(tok_file)
+        encoded = {name: encode_split(split, tok, probe.max_length, cache_dir=probe.cache_dir)
+                   for name, split in task.splits.items()}
+        vocab = task_vocab(encoded, tok)  # every split's tokens: what a run of this data keeps
+        batch = epoch_batches(vocab.to_task(encoded["train"]), probe.batch_size, seed=0, epoch=0,
+                              pad_id=tok.pad_id)[0]  # special tokens keep their ids, as in training
+        teacher_cfg = trim_config(base_cfg.replace(id2label=task.labels), vocab)
         half = StudentSpec(layers=max(1, base_cfg.num_hidden_layers // 2))
         narrow = StudentSpec(layers=half.layers, hidden=base_cfg.hidden_size // 2)
         rates = {("teacher", False): _seconds(_context(probe, teacher_cfg, None, False, device), batch, device)}

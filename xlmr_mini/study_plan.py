@@ -141,7 +141,7 @@ class Planner:
 
     def teacher(self, plan: str, langs: str, section: str) -> Run:
         flags = {**common_flags(self.s, section), "init": "from-base", "base": self.s.base, "no-kd": True,
-                 "layers": self.base_layers, "train-langs": langs, "seeds": self.s.seeds[0]}
+                 "layers": self.base_layers, "langs": langs, "seed": self.s.seeds[0]}
         if self.s.teacher_epochs:
             flags["epochs"] = self.s.teacher_epochs
         return self.add(plan, f"teacher-{langs}", "train", flags)
@@ -149,8 +149,8 @@ class Planner:
     def student(self, plan: str, teacher: Run, init: str, kd: bool, langs: str, section: str, seed: int,
                 hidden: int | None = None, subset: float = 1.0) -> Run:
         flags = {**common_flags(self.s, section), "init": init, "teacher": self.path(teacher) / "best",
-                 "layers": max(1, self.base_layers // 2), "hidden": hidden, "train-langs": langs,
-                 "no-kd": not kd, "subset": subset if subset < 1.0 else None, "seeds": seed}
+                 "layers": max(1, self.base_layers // 2), "hidden": hidden, "langs": langs,
+                 "no-kd": not kd, "subset": subset if subset < 1.0 else None, "seed": seed}
         if init == "from-base":
             flags["base"] = self.s.base
         width = hidden or self.base_hidden
