@@ -93,19 +93,26 @@ def metrics_writer(path: Path, keep_through: int, tensorboard: bool = False) -> 
     return MetricsLog(path, TensorBoardLog(path.parent / "tensorboard", keep_through) if tensorboard else None)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The CPU generator's state, and the generator of `device` when it is a GPU: that device's
+    alone, so a run resumes with another number of visible GPUs (torchrun on 8, resumed on 1)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 @reports_full_disk
-def save_checkpoint(path: Path, ctx: StepContext, progress: dict, rng: list[dict] | None = None) -> None:
+def save_checkpoint(path: Path, ctx: StepContext, progress: dict, rng: list[dict]) -> None:
     """Write the training state into a fresh directory, then swap it in with renames: a crash
     leaves the previous checkpoint (or, between the two renames, `.checkpoint.old`, which
-    `load_checkpoint` also accepts). `rng`: every rank's `rng_state()` (default: this process's)."""
-    rng = rng or [rng_state()]
+    `load_checkpoint` also accepts). `rng`: every rank's `rng_state`."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -156,9 +163,7 @@ def load_checkpoint(path: Path, ctx: StepContext, device, rank: int = 0, world_s
         ctx.scheduler.load_state_dict(state["scheduler"])
         ranks = state.get("rank_rng", [])
         rng = ranks[rank] if len(ranks) == world_size else state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(rng, torch.device(device))
     with readable(path / "progress.json", advice):
         return json.loads((path / "progress.json").read_text(encoding="utf-8"))
 

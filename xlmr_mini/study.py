@@ -52,7 +52,7 @@ from xlmr_mini.train_config import DEMO_EPOCHS, TrainConfig, check_seeds
 # The demo's schedules: teachers fine-tune the pretrained demo base, students distil in a few epochs.
 DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, DEMO_EPOCHS
 OVERRIDES = ("epochs", "max_steps", "batch_size", "eval_steps", "lr", "max_length", "device", "num_threads",
-             "cache_dir", "att_target", "kd_impl", "compile")
+             "cache_dir", "att_target", "kd_impl", "compile", "deterministic")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,7 +111,8 @@ def settings_from(args) -> tuple[StudySettings, XLMRConfig]:
             raise InputError("--base: give the pretrained base directory (e.g. xlm-roberta-base); only the demo has its own")
         base = str(demo_base(args.cache_dir))
     base_cfg = XLMRConfig.from_hf(base)
-    overrides = {name.replace("_", "-"): getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    overrides = {name.replace("_", "-"): getattr(args, name) for name in OVERRIDES
+                 if getattr(args, name) is not None}
     TrainConfig(**{name.replace("-", "_"): value for name, value in overrides.items()})  # checks their ranges
     shortened = "epochs" in overrides or "max-steps" in overrides
     if kind == "demo":
@@ -163,7 +164,7 @@ def _init_worker(devices) -> None:
     """Each worker process sees one GPU (round robin), or shares the CPU's cores evenly."""
     device = devices.get()
     if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
 
 
 def execute(runs: dict[str, Run], planner: Planner, jobs: int, estimate) -> None:
@@ -202,14 +203,25 @@ def execute(runs: dict[str, Run], planner: Planner, jobs: int, estimate) -> None
             pool.shutdown(cancel_futures=True)
 
 
+def worker_gpus(jobs: int) -> list[str | None]:
+    """The `CUDA_VISIBLE_DEVICES` of each of `jobs` workers: this process's visible GPUs round
+    robin, named as the parent's own `CUDA_VISIBLE_DEVICES` names them (4,5,6,7 stay 4,5,6,7, not
+    0..3); None for every worker without GPUs."""
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        return [None] * jobs
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in visible.split(",")][:gpus] if visible else [str(i) for i in range(gpus)]
+    return [names[i % gpus] for i in range(jobs)]
+
+
 def _pool(jobs: int):
     if jobs == 1:
         return None
     ctx = multiprocessing.get_context("spawn")
     devices = ctx.Manager().Queue()
-    gpus = torch.cuda.device_count()
-    for i in range(jobs):
-        devices.put(i % gpus if gpus else None)
+    for device in worker_gpus(jobs):
+        devices.put(device)
     return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
 
 

@@ -34,7 +34,7 @@ from xlmr_mini.config import XLMRConfig
 from xlmr_mini.data import epoch_batches, load_task
 from xlmr_mini.demo_models import demo_architecture, demo_teacher
 from xlmr_mini.errors import InputError, cli_main
-from xlmr_mini.hardware import resolve_device
+from xlmr_mini.hardware import deterministic_algorithms, resolve_device
 from xlmr_mini.inference import evaluate
 from xlmr_mini.kd_step import StepContext, TrainingError, train_step
 from xlmr_mini.metrics import metric_key
@@ -112,7 +112,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
                 if prog.step >= limit:
                     break
         if prog.step < total:
-            _save_checkpoint(out, ctx, prog)
+            _save_checkpoint(out, ctx, prog, device)
             bar.close(f"stopped at step {prog.step} of {total} (--stop-after); continue with --resume")
             return {"stopped_at": prog.step}
     except TrainingError as e:
@@ -155,7 +155,7 @@ def _one_step(loop: Loop, batch: dict, epoch: int) -> None:
         _evaluate_dev(loop)
     # A finished run's checkpoint is written only to be kept (--keep-checkpoint).
     if prog.step % loop.save_every == 0 or (last and cfg.keep_checkpoint):
-        _save_checkpoint(loop.out, ctx, prog)
+        _save_checkpoint(loop.out, ctx, prog, loop.device)
 
 
 def _add(sums: dict, values: dict) -> dict:
@@ -167,8 +167,8 @@ def _mean(sums: dict, n: int) -> dict:
     return {k: _mean(v, n) if isinstance(v, dict) else v / n for k, v in sums.items()}
 
 
-def _save_checkpoint(out: Path, ctx, prog: Progression) -> None:
-    rng = distributed.all_gather(rng_state())  # every rank's, so each resumes its own dropout draws
+def _save_checkpoint(out: Path, ctx, prog: Progression, device) -> None:
+    rng = distributed.all_gather(rng_state(device))  # every rank's, so each resumes its own dropout draws
     distributed.on_main(save_checkpoint, out / "checkpoint", ctx, dataclasses.asdict(prog), rng)
 
 
@@ -201,6 +201,7 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False,
     main_rank = distributed.is_main()
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(deterministic_algorithms(cfg.deterministic))
             if not main_rank:  # only rank 0 prints
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             return _train(cfg, device, arch, quiet or not main_rank, label)
