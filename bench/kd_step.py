@@ -15,10 +15,16 @@ Implementations (`--impls`):
 - xlmr_mini: the project's default, as `python -m xlmr_mini.train` sets it up: the student and
   teacher on the task's vocabulary rows (`--kept` of them, default 34,855: what tweet_sentiment_
   multilingual's texts use; the batch draws its tokens from them), `--precision auto` resolved on
-  this machine, the initial full embedding rows held for writing the full-vocabulary model.
+  this machine, the initial full embedding rows held for writing the full-vocabulary model, and
+  training's default `--kd-impl` (the row is labelled with it).
 - xlmr_mini-fp32, xlmr_mini-bf16: the same with the precision pinned.
+- xlmr_mini-fused: the default with `--kd-impl fused` (the Triton kernels on a GPU).
 - xlmr_mini-full-vocab: fp32 on the whole 250,002-row table (`--no-trim`).
 - xlmr_mini-compiled: the default with `--compile`'s compiled forward+loss.
+- transformers-bf16-trimmed: transformers-bf16 on a vocabulary trimmed beforehand to the task's
+  rows (what a user who knows vocabtrimmer does): the well-tuned baseline at equal settings.
+- xlmr_mini-cached: the default reading the teacher's outputs from a `teacher_cache` built over
+  the timed batches first (an epoch after the first; the build is not timed): no teacher forward.
 
 Each implementation runs in its own process so that peak memory is its own: the peak during the
 timed steps of everything the process holds (weights, optimizer state, activations) above the
@@ -43,8 +49,8 @@ import torch.nn.functional as F
 
 from bench.harness import append_results, measure, rss_mb
 
-IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16",
-         "xlmr_mini-full-vocab", "xlmr_mini-compiled")
+IMPLS = ("transformers", "transformers-bf16", "transformers-bf16-trimmed", "xlmr_mini", "xlmr_mini-fp32",
+         "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled", "xlmr_mini-cached")
 DEFAULT_IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16")
 TSM_KEPT = 34_855  # distinct XLM-R pieces over every tweet_sentiment_multilingual split, plus specials
 
@@ -109,11 +115,14 @@ def batch(args, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def transformers_step(args, t, s, device, bf16):
+def transformers_step(args, t, s, device, bf16, trimmed=False):
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
+    kept = kept_vocab(args)
+    vocab_size = len(kept) if trimmed else args.vocab
+
     def model(c):
-        cfg = XLMRobertaConfig(vocab_size=args.vocab, hidden_size=c["hidden"], num_hidden_layers=c["layers"],
+        cfg = XLMRobertaConfig(vocab_size=vocab_size, hidden_size=c["hidden"], num_hidden_layers=c["layers"],
                                num_attention_heads=c["heads"], intermediate_size=c["inter"], num_labels=3,
                                type_vocab_size=1, layer_norm_eps=1e-5, attn_implementation="eager")
         return XLMRobertaForSequenceClassification(cfg).to(device)
@@ -124,6 +133,10 @@ def transformers_step(args, t, s, device, bf16):
     opt = torch.optim.AdamW(params, lr=5e-5)
     divisor = t["layers"] // s["layers"]
     data = workload(args, device)
+    if trimmed:  # the ids renumbered to the trimmed table, as vocabtrimmer's tokenizer would give them
+        table = torch.full((args.vocab,), -1, dtype=torch.long)
+        table[torch.from_numpy(kept)] = torch.arange(len(kept))
+        data = [(table[ids.cpu()].to(device), mask, labels) for ids, mask, labels in data]
 
     def one(ids, mask, labels, bf16):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -144,7 +157,51 @@ def transformers_step(args, t, s, device, bf16):
     return step
 
 
-def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
+def kd_impl(impl: str) -> str:
+    """The KD loss implementation an xlmr_mini row runs: training's default unless named."""
+    from xlmr_mini.train_config import TrainConfig
+
+    return "fused" if impl == "xlmr_mini-fused" else TrainConfig().kd_impl
+
+
+def kd_label(impl: str, device) -> str:
+    """What computes an implementation's KD loss, for its row: fused runs PyTorch where Triton does
+    not run (CPU without TRITON_INTERPRET=1)."""
+    from xlmr_mini.kernels import _dispatch
+
+    if not impl.startswith("xlmr_mini"):
+        return "-"
+    name = kd_impl(impl)
+    return name if name != "fused" or _dispatch._triton_for(device.type) else "fused (PyTorch fallback)"
+
+
+def cache_teacher_outputs(ctx, data, t, precision, device) -> None:
+    """Give `ctx` a teacher cache of `data`'s rows (built here, untimed) and drop its teacher; each
+    batch gets the `index` of its rows, as training's batches carry it."""
+    import tempfile
+    from pathlib import Path
+
+    from xlmr_mini.data import EncodedSplit
+    from xlmr_mini.kd_loss import kd_taps
+    from xlmr_mini.teacher_cache import CacheSpec, TeacherCache, build, field_dtypes
+
+    rows = [ids[m.bool()].cpu().numpy() for b in data for ids, m in zip(b["input_ids"], b["attention_mask"])]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    enc = EncodedSplit(np.concatenate(rows).astype(np.int32), offsets, np.zeros(len(rows), dtype=np.int64),
+                       ["x"] * len(rows))
+    spec = CacheSpec(teacher="bench", split="bench", taps=kd_taps(ctx.loss_cfg, ctx.layer_map), precision=precision,
+                     device=device.type, hidden=t["hidden"], heads=t["heads"], labels=3)
+    dtypes = field_dtypes(spec, device)
+    path = Path(tempfile.mkdtemp(prefix="kd-step-cache-")) / "cache"
+    build(path, spec, enc, dtypes, ctx.teacher, pad_id=1, device=device)
+    ctx.teacher_cache, ctx.teacher = TeacherCache(path, spec, enc.lengths, dtypes), None
+    start = 0
+    for b in data:
+        b["index"] = torch.arange(start, start + len(b["labels"]))
+        start += len(b["labels"])
+
+
+def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False):
     from xlmr_mini.checkpoint import build_model, hf_state_dict
     from xlmr_mini.config import XLMRConfig
     from xlmr_mini.data import default_cache_dir
@@ -174,7 +231,7 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
     if vocab is not None:
         vocab = VocabTrim(kept=vocab.kept, full_size=args.vocab, initial_rows=initial_rows)
     proj = HiddenProjection(s["hidden"], t["hidden"], "linear").to(device)
-    loss_cfg = KDLossConfig(att_target=args.att_target, impl="fused" if device.type == "cuda" else "reference")
+    loss_cfg = KDLossConfig(att_target=args.att_target, impl=loss_impl)
     params = list(student.parameters()) + list(proj.parameters())
     opt = make_optimizer(params, 5e-5, 0.0)
     divisor = t["layers"] // s["layers"]
@@ -188,12 +245,16 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
     table = torch.from_numpy(vocab.old_to_new) if vocab is not None else None
     data = [{"input_ids": ids if table is None else table[ids.cpu()].to(device), "attention_mask": mask, "labels": labels}
             for ids, mask, labels in workload(args, device)]
+    if cached:
+        cache_teacher_outputs(ctx, data, t, resolved, device)
     return (lambda: [train_step(ctx, b, device) for b in data]), resolved
 
 
 def build(args, impl, t, s, device, shared=None):
     """(step function, precision, vocabulary rows) of one implementation; `shared` reuses the
     transformers models for both of its precisions."""
+    if impl == "transformers-bf16-trimmed":
+        return transformers_step(args, t, s, device, True, trimmed=True), "bf16", len(kept_vocab(args))
     if impl.startswith("transformers"):
         precision = "bf16" if impl.endswith("bf16") else "fp32"
         if shared is not None:
@@ -201,7 +262,8 @@ def build(args, impl, t, s, device, shared=None):
         return transformers_step(args, t, s, device, precision == "bf16"), precision, args.vocab
     wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
     trimmed = impl != "xlmr_mini-full-vocab"
-    step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, compiled=impl.endswith("compiled"))
+    step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, impl.endswith("compiled"), kd_impl(impl),
+                                     cached=impl.endswith("cached"))
     return step, precision, len(kept_vocab(args)) if trimmed else args.vocab
 
 
@@ -215,7 +277,8 @@ def interleaved(args, impls, student_hidden, seq) -> dict:
     args.student_hidden, args.seq = student_hidden, seq
     t, s = shapes(args, student_hidden)
     torch.manual_seed(0)
-    shared = transformers_step(args, t, s, device, False) if any(i.startswith("transformers") for i in impls) else None
+    shared = transformers_step(args, t, s, device, False) if any(i in ("transformers", "transformers-bf16")
+                                                                 for i in impls) else None
     steps = {impl: build(args, impl, t, s, device, shared)[0] for impl in impls}
     for step in steps.values():
         step()  # warm-up (and compilation)
@@ -253,6 +316,7 @@ def run_one(args):
                       "batch": args.batch, "samples_per_s": m.rate, "s_per_step": m.median_s,
                       "spread_s": m.spread_s, "peak_mb": m.peak_mem_mb, "first_step_s": first_s,
                       "precision": precision, "device": device_name, "vocab_rows": rows,
+                      "kd_impl": kd_label(impl, device),
                       **({"epoch_examples": real_data(args)[2]} if args.data else {})}))
 
 
@@ -312,14 +376,15 @@ def main(argv=None):
                     continue
                 speed = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
                 mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base else "-"
-                rows.append(f"| 6L/{student_hidden} | {seq or 'tsm (dynamic)'} | {impl} | {r['precision']} | {r['vocab_rows']:,} "
+                rows.append(f"| 6L/{student_hidden} | {seq or 'tsm (dynamic)'} | {impl} | {r['kd_impl']} | {r['precision']} "
+                            f"| {r['vocab_rows']:,} "
                             f"| {r['s_per_step'] * 1e3:,.0f} ± {r['spread_s'] * 1e3:,.0f} | {r['samples_per_s']:,.2f} "
                             f"| {speed} | {r['peak_mb']:,.0f} | {mem} | {r['first_step_s']:,.1f} |")
                 print(rows[-1], flush=True)
                 if args.data:
                     notes.append(f"{impl}: est. {r['epoch_examples'] / r['samples_per_s'] / 60:,.1f} min per epoch "
                                  f"of {r['epoch_examples']:,} tweets (6L/{student_hidden})")
-    header = ("| student | seq | implementation | precision | vocabulary rows | ms/step (median ± half-range) "
+    header = ("| student | seq | implementation | KD loss | precision | vocabulary rows | ms/step (median ± half-range) "
               "| samples/s | speed vs transformers fp32 | peak MB | memory vs transformers fp32 | first step s |")
     title = (f"KD train step, teacher 12L/768 -> students 6L, vocab {args.vocab:,} (task rows {args.kept:,}), "
              f"batch {args.batch}, attention target {args.att_target}")

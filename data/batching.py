@@ -17,7 +17,7 @@ import torch
 from xlmr_mini.data.task import Split
 from xlmr_mini.files import atomic_write
 
-ENCODING_VERSION = 1  # bump when the cached layout or the encoding rule changes
+ENCODING_VERSION = 2  # bump when the cached layout or the encoding rule changes (2: transformers' whitespace)
 POOL_BATCHES = 50  # batches per length-sorting pool: big enough to bucket, small enough to stay random
 
 

@@ -210,12 +210,12 @@ def test_auto_says_why_it_is_off_and_on_that_cannot_be_kept_is_bad_input(teacher
     assert lines == ["teacher cache: off (the run reads the training data once and shares its teacher with no other "
                      "run; --teacher-cache on keeps the teacher's outputs for later runs)"]
     assert not (tmp_path / "tc").exists()
-    main(_args(teacher, cache, tmp_path / "tinybert", *tc, "--loss-norm", "tinybert", "--seeds", "1", "2"))
+    main(_args(teacher, cache, tmp_path / "tinybert", *tc, "--loss-norm", "tinybert", "--seed", "1", "2"))
     assert "teacher cache: off (--loss-norm tinybert reads the teacher at padded positions" in capsys.readouterr().out
     monkeypatch.setattr(teacher_cache, "free_bytes", lambda path: 1000)
-    main(_args(teacher, cache, tmp_path / "full-disk", *tc, "--seeds", "1", "2"))
+    main(_args(teacher, cache, tmp_path / "full-disk", *tc, "--seed", "1", "2"))
     assert "MB, more than 50% of the 0.0 MB free in" in capsys.readouterr().out
-    for name, flags, expected in (("full", ("--seeds", "1", "2"), "--teacher-cache on: the teacher cache needs"),
+    for name, flags, expected in (("full", ("--seed", "1", "2"), "--teacher-cache on: the teacher cache needs"),
                                   ("tinybert-on", ("--loss-norm", "tinybert"), "--teacher-cache on: --loss-norm tinybert")):
         with pytest.raises(SystemExit) as e:
             main(_args(teacher, cache, tmp_path / name, *tc, "--teacher-cache", "on", *flags))
