@@ -226,7 +226,8 @@ def test_auto_says_why_it_is_off_and_on_that_cannot_be_kept_is_bad_input(teacher
 
 def test_under_torchrun_rank_0_builds_and_each_rank_reads_its_rows(teacher, cache, tmp_path):
     # No dropout: each process would draw masks for its own rows (see test_distributed).
-    common = ("--hidden", "32", "--teacher-cache-dir", str(tmp_path / "tc"), "--dropout", "0", "--attention-dropout", "0")
+    common = ("--hidden", "32", "--teacher-cache-dir", str(tmp_path / "tc"), "--dropout", "0", "--attention-dropout", "0",
+              "--keep-checkpoint")
     main(_args(teacher, cache, tmp_path / "one", *common, "--teacher-cache", "off"))
     code, out = _finish(_torchrun(_args(teacher, cache, tmp_path / "two", *common, "--teacher-cache", "on"),
                                   uuid.uuid4().hex))
