@@ -71,3 +71,19 @@ def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1, seed: int
         ids[row, 0], ids[row, n - 1] = 0, 2
     ids[mask == 0] = pad_id
     return ids, mask
+
+
+def random_demo_teacher(cache: Path, out: Path, dropout: float = 0.0) -> Path:
+    """A random 2-layer, 64-wide teacher on the demo's vocabulary and labels, saved in `out` (KD
+    needs no trained teacher to compare runs; dropout 0 lets runs on different processes agree)."""
+    from xlmr_mini.checkpoint import save_hf
+    from xlmr_mini.copy_weights import scratch_state_dict
+    from xlmr_mini.data import build_demo
+    from xlmr_mini.demo_models import demo_architecture
+
+    task = build_demo(cache)
+    cfg = demo_architecture(task).replace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128, hidden_dropout_prob=dropout,
+                                          attention_probs_dropout_prob=dropout)
+    save_hf(out, cfg, scratch_state_dict(cfg, 0), task.tokenizer_path)
+    return out

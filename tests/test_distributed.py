@@ -1,5 +1,6 @@
-"""Training under torchrun: 2 CPU processes (gloo) on the demo give the single-process run; a killed
-rank stops the job, and --resume finishes it; batch shares; bad input.
+"""Training under torchrun: 2 CPU processes (gloo) on the demo give the single-process run, with the
+reference KD loss and with the fused kernels; a killed rank stops the job, and --resume finishes
+it; batch shares.
 
 The runs use a teacher with dropout 0 (its student inherits the config): with dropout, each
 process draws masks for its own rows and no run on 2 processes can equal one on 1 process.
@@ -17,16 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
-from xlmr_mini.checkpoint import save_hf
-from xlmr_mini.copy_weights import scratch_state_dict
-from xlmr_mini.data import build_demo
-from xlmr_mini.demo_models import demo_architecture
-from xlmr_mini.distributed import TORCHRUN_VARS, share_rows
-from xlmr_mini.errors import InputError
-from xlmr_mini.run_setup import check_inputs
+from conftest import REPO, random_demo_teacher
+from xlmr_mini.distributed import share_rows
 from xlmr_mini.train import main
-from xlmr_mini.train_config import TrainConfig
 
 RUN_TIMEOUT_S = 180  # a hung collective must fail the test, not the CI job
 
@@ -38,15 +32,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(cache, tmp_path_factory) -> Path:
-    """A random 2-layer teacher on the demo's vocabulary and labels, no dropout (KD needs no
-    trained teacher to compare two runs)."""
-    task = build_demo(cache)
-    cfg = demo_architecture(task).replace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          intermediate_size=128, hidden_dropout_prob=0.0,
-                                          attention_probs_dropout_prob=0.0)
-    out = tmp_path_factory.mktemp("teacher")
-    save_hf(out, cfg, scratch_state_dict(cfg, 0), task.tokenizer_path)
-    return out
+    return random_demo_teacher(cache, tmp_path_factory.mktemp("teacher"))
 
 
 def _args(teacher: Path, cache: Path, out: Path, steps: int, eval_steps: int) -> list[str]:
@@ -95,9 +81,12 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(wb[key], wa[key], atol=atol, rtol=1e-4, msg=key)
 
 
-def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path):
-    main(_args(teacher, cache, tmp_path / "one", 6, 3))
-    code, out = _finish(_torchrun(_args(teacher, cache, tmp_path / "two", 6, 3), uuid.uuid4().hex))
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_two_processes_train_the_one_process_weights(impl, teacher, cache, tmp_path):
+    """Fused: the kernels (interpreted on CPU) divide by the global batch's counts too."""
+    impl_args = ["--kd-impl", impl] + (["--max-length", "24"] if impl == "fused" else [])  # interpreted: short rows
+    main(_args(teacher, cache, tmp_path / "one", 6, 3) + impl_args)
+    code, out = _finish(_torchrun(_args(teacher, cache, tmp_path / "two", 6, 3) + impl_args, uuid.uuid4().hex))
     assert code == 0, out[-3000:]
     _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
     two = [r for r in _records(tmp_path / "two") if r["type"] == "train"]
@@ -107,6 +96,7 @@ def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path):
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["steps"] == 6 and (tmp_path / "two" / "best" / "model.safetensors").is_file()
+    assert results["kd_impl"] == {"asked": impl, "used": impl}
     assert out.count("wrote ") == 1  # only rank 0 prints the summary
 
 
@@ -161,10 +151,3 @@ def test_batch_shares_cover_every_row_once_with_similar_token_counts():
         tokens = [sum(lengths[i] for i in s) for s in shares]
         assert max(tokens) - min(tokens) <= max(lengths), (world, tokens)
     assert [share_rows([4, 6], r, 4) for r in range(4)] == [[1], [0], [], []]  # a short last batch
-
-
-def test_fused_kernels_under_torchrun_are_bad_input(monkeypatch):
-    for name, value in zip(TORCHRUN_VARS, ("0", "2", "0", "127.0.0.1", "29500")):
-        monkeypatch.setenv(name, value)
-    with pytest.raises(InputError, match="--kd-impl fused.*torchrun"):
-        check_inputs(TrainConfig(kd_impl="fused"))

@@ -24,6 +24,7 @@ from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
 from xlmr_mini.kd_step import (StepContext, Trained, bf16_frozen_linears, compile_forward_loss, linear_schedule,
                                make_optimizer)
 from xlmr_mini.model import XLMRClassifier
+from xlmr_mini.step_impl import StepPlan
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_EPOCHS, DEMO_LR, PAPER_EPOCHS, PAPER_LR, TrainConfig
 from xlmr_mini.vocab import WORD_KEY, VocabTrim, always_kept, kept_ids, trim_config, trim_state_dict
@@ -88,9 +89,6 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise InputError("--base: from-base copies a pretrained base model; give its directory (e.g. xlm-roberta-base)")
     if not 0.0 < cfg.subset <= 1.0:
         raise InputError(f"--subset {cfg.subset}: must be a fraction in (0, 1]")
-    if cfg.kd_impl == "fused" and not cfg.no_kd and distributed.launched():
-        raise InputError("--kd-impl fused: runs on one process only (its kernels normalise by the local batch); "
-                         "use --kd-impl reference under torchrun")
 
 
 def _encode(cfg: TrainConfig, task: TaskData, tok: Tokenizer, remap: np.ndarray, final_name: str) -> dict:
@@ -166,7 +164,8 @@ def load_teacher(setup: Setup, student_cfg: XLMRConfig, device, vocab: VocabTrim
     return teacher
 
 
-def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int) -> StepContext:
+def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int, plan: StepPlan) -> StepContext:
+    """The seed's models, optimizer and schedule; the KD loss and compilation as `plan` says."""
     torch.manual_seed(seed)
     scfg, sd = initial_student(cfg, setup, seed)
     if cfg.max_length + scfg.pad_token_id + 1 > scfg.max_position_embeddings:
@@ -178,7 +177,7 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=sd[WORD_KEY].float())
         scfg, sd = trim_config(scfg, vocab), trim_state_dict(sd, vocab)
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
-    loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=cfg.kd_impl,
+    loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=plan.kd_impl,
                             loss_norm=cfg.loss_norm)
     teacher, proj, lmap = None, None, []
     if loss_cfg.kd:
@@ -194,7 +193,7 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
                       optimizer=optimizer, params=params,
                       scheduler=linear_schedule(optimizer, total_steps, math.ceil(cfg.warmup_ratio * total_steps)),
                       max_grad_norm=cfg.max_grad_norm, vocab=vocab, bf16=bf16)
-    if cfg.compile:
+    if plan.compiled:
         ctx.loss_fn = compile_forward_loss()
     ctx.parallel = distributed.wrap(Trained(student, proj))  # None on one process
     return ctx

@@ -30,7 +30,7 @@ import torch
 
 from xlmr_mini import distributed
 from xlmr_mini.config import XLMRConfig
-from xlmr_mini.data import epoch_batches, load_task
+from xlmr_mini.data import default_cache_dir, epoch_batches, load_task
 from xlmr_mini.demo_models import demo_architecture, demo_teacher
 from xlmr_mini.errors import InputError, cli_main
 from xlmr_mini.hardware import resolve_device
@@ -42,6 +42,7 @@ from xlmr_mini.results import finish_seed, report
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, rng_state,
                                save_best, save_checkpoint, seed_dirs)
 from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare
+from xlmr_mini.step_impl import check_step, plan_step
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
 
@@ -67,16 +68,21 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     steps_per_epoch = len(epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=0, pad_id=pad_id))
     total = cfg.max_steps or setup.epochs * steps_per_epoch
     eval_every = cfg.eval_steps or steps_per_epoch
-    ctx = build_context(cfg, setup, seed, device, total)
+    plan = plan_step(cfg.kd_impl, cfg.compile, device, not cfg.no_kd, cfg.loss_norm)
+    ctx = build_context(cfg, setup, seed, device, total, plan)
     prog = Progression()
     if cfg.resume and (out / "checkpoint").exists():
         prog = Progression(**load_checkpoint(out / "checkpoint", ctx, device, distributed.rank(),
                                              distributed.world_size()))
+    limit = min(total, cfg.stop_after or total)
+    if prog.step < limit:  # the self-check of what --kd-impl / --compile auto chose, on the batch training starts with
+        epoch, k = divmod(prog.step, steps_per_epoch)
+        first = epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id)[k]
+        plan = check_step(ctx, plan, distributed.shard_batch(first)[0], device, cfg.cache_dir or default_cache_dir())
     log = distributed.on_main(metrics_writer, out / "metrics.jsonl", keep_through=prog.step) or MetricsLog(None)
     world = distributed.world_size()
     bar = Progress(total, start=prog.step, label=f"seed {seed}" + (f", {world} processes" if world > 1 else ""),
                    stream=None if distributed.is_main() else io.StringIO())
-    limit = min(total, cfg.stop_after or total)
     try:
         while prog.step < limit:
             epoch, k = divmod(prog.step, steps_per_epoch)
@@ -98,7 +104,8 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     finally:
         log.close()
     bar.close()
-    return finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, "bf16" if ctx.bf16 else "fp32")
+    return finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, "bf16" if ctx.bf16 else "fp32",
+                       plan.record())
 
 
 def _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, epoch, device) -> None:

@@ -11,8 +11,9 @@ import dataclasses
 from xlmr_mini.copy_weights import INITS
 from xlmr_mini.errors import InputError, OneLineErrorParser
 from xlmr_mini.hardware import PRECISIONS
-from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, IMPLS, LOSS_NORMS
+from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, LOSS_NORMS
 from xlmr_mini.metrics import METRICS
+from xlmr_mini.step_impl import COMPILES, KD_IMPLS
 
 PAPER_EPOCHS = 30
 PAPER_LR = 5e-5  # transformers' default, which the paper kept
@@ -87,7 +88,10 @@ class TrainConfig:
                             "TinyBERT's code (means at padded length, pads included, summed over layers)",
                             choices=LOSS_NORMS)
     hid_proj: str = _field("linear", "narrower student: learnable projection (fit_dense) or the teacher's copied units", choices=HID_PROJS)
-    kd_impl: str = _field("reference", "KD loss implementation: PyTorch reference or fused kernels (Triton on GPU)", choices=IMPLS)
+    kd_impl: str = _field("auto", "KD loss implementation: PyTorch reference, fused Triton kernels (on CPU they fall "
+                          "back to the reference), or auto: fused on CUDA where they apply, checked against the "
+                          "reference on the first batch (falls back on a mismatch), the reference elsewhere",
+                          choices=KD_IMPLS)
     precision: str = _field("auto", "forward passes in fp32 or under bfloat16 autocast (the KD loss terms, weights and "
                             "optimizer stay fp32); auto: bf16 on GPUs with bf16 and on CPUs where a cached probe "
                             "measures bf16 matmuls faster, fp32 elsewhere and for models narrower than 256 "
@@ -97,7 +101,9 @@ class TrainConfig:
     save_vocab: str = _field("full", "vocabulary of the saved model: full (a drop-in model with the teacher's tokenizer; "
                              "rows of tokens never seen in training as they started) or task (only the data's tokens, "
                              "with a trimmed tokenizer.json; Unigram tokenizers such as XLM-R's)", choices=SAVE_VOCABS)
-    compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
+    compile: str = _field("auto", "torch.compile the forward + loss of the training step (fullgraph): on, off, or "
+                          "auto: on CUDA, checked against eager on the first batch (falls back on a mismatch), off on "
+                          "CPU (--compile alone: on)", choices=COMPILES, const="on")
     device: str = _field("auto", "cpu, cuda, or auto")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
     out: str | None = _field(None, "output directory (default: runs/<data>-<init>-<layers>L-<kd|nokd>)")
@@ -134,8 +140,8 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The settings that define the run's result (what `run.json` compares)."""
-        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset",
-                   "dist_timeout"}
+        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "kd_impl", "device", "cache_dir",
+                   "preset", "dist_timeout"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
@@ -159,10 +165,11 @@ def _parser() -> argparse.ArgumentParser:
             continue
         kind = {"int": int, "float": float, "str": str}
         base = next((t for name, t in kind.items() if str(f.type).startswith(name) or f.type is t), str)
-        nargs = "+" if str(f.type).startswith("list") else None
+        nargs = "+" if str(f.type).startswith("list") else ("?" if "const" in meta else None)
         default_text = f" (default: {_show(f.default)})" if f.default is not None else ""
-        p.add_argument(flag, type=int if nargs else base, nargs=nargs, default=f.default,
-                       choices=meta.get("choices"), help=meta["help"] + default_text)
+        p.add_argument(flag, type=int if nargs == "+" else base, nargs=nargs, default=f.default,
+                       choices=meta.get("choices"), help=meta["help"] + default_text,
+                       **({"const": meta["const"]} if "const" in meta else {}))
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     return p
 
