@@ -73,9 +73,9 @@ def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1, seed: int
     return ids, mask
 
 
-def random_demo_teacher(cache: Path, out: Path, dropout: float = 0.0) -> Path:
-    """A random 2-layer, 64-wide teacher on the demo's vocabulary and labels, saved in `out` (KD
-    needs no trained teacher to compare runs; dropout 0 lets runs on different processes agree)."""
+def random_demo_teacher(cache: Path, out: Path) -> Path:
+    """A random 2-layer, 64-wide teacher on the demo's vocabulary and labels with XLM-R's dropout
+    0.1, saved in `out` (KD needs no trained teacher to compare runs)."""
     from xlmr_mini.checkpoint import save_hf
     from xlmr_mini.copy_weights import scratch_state_dict
     from xlmr_mini.data import build_demo
@@ -83,7 +83,7 @@ def random_demo_teacher(cache: Path, out: Path, dropout: float = 0.0) -> Path:
 
     task = build_demo(cache)
     cfg = demo_architecture(task).replace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          intermediate_size=128, hidden_dropout_prob=dropout,
-                                          attention_probs_dropout_prob=dropout)
+                                          intermediate_size=128)
+    assert cfg.hidden_dropout_prob == cfg.attention_probs_dropout_prob == 0.1
     save_hf(out, cfg, scratch_state_dict(cfg, 0), task.tokenizer_path)
     return out

@@ -2,8 +2,9 @@
 reference KD loss and with the fused kernels; a killed rank stops the job, and --resume finishes
 it; batch shares.
 
-The runs use a teacher with dropout 0 (its student inherits the config): with dropout, each
-process draws masks for its own rows and no run on 2 processes can equal one on 1 process.
+The teacher keeps XLM-R's dropout 0.1 and the runs pass --dropout 0 --attention-dropout 0: with
+dropout, each process draws masks for its own rows and no run on 2 processes can equal one on 1
+process (the condition the README and --help state).
 """
 import json
 import os
@@ -39,7 +40,7 @@ def _args(teacher: Path, cache: Path, out: Path, steps: int, eval_steps: int) ->
     # --hidden 32: a narrower student, so the projection trains under DDP too.
     return ["--init", "from-teacher", "--teacher", str(teacher), "--layers", "1", "--hidden", "32",
             "--batch-size", "16", "--max-steps", str(steps), "--eval-steps", str(eval_steps),
-            "--cache-dir", str(cache), "--num-threads", "1", "--out", str(out)]
+            "--cache-dir", str(cache), "--num-threads", "1", "--out", str(out), "--dropout", "0", "--attention-dropout", "0"]
 
 
 def _free_port() -> int:

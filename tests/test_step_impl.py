@@ -21,9 +21,9 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(cache, tmp_path_factory) -> Path:
-    # Dropout on: a self-check that left the student in eval mode or drew random numbers would
+    # Dropout 0.1: a self-check that left the student in eval mode or drew random numbers would
     # change the run.
-    return random_demo_teacher(cache, tmp_path_factory.mktemp("teacher"), dropout=0.1)
+    return random_demo_teacher(cache, tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from xlmr_mini.checkpoint import load_model, save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
 from xlmr_mini.data import build_demo
+from xlmr_mini.errors import InputError
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
 from xlmr_mini.model import XLMRClassifier, init_weights
 from xlmr_mini.demo_models import demo_architecture
@@ -296,18 +297,69 @@ def test_paper_preset_fills_what_is_not_given():
 
     cfg = parse_config(["--preset", "paper", "--data", "tsm:x", "--train-langs", "seen"])
     assert (cfg.batch_size, cfg.epochs, cfg.seeds, cfg.eval_steps) == (8, 30, (1, 2, 3), 250)
+    # The paper trained in fp32 on plain random batches, evaluating only every --eval-steps.
+    assert (cfg.precision, cfg.group_by_length, cfg.eval_last_step) == ("fp32", False, False)
     assert parse_config(["--preset", "paper", "--data", "massive:x", "--train-langs", "english"]).eval_steps == 100
     assert parse_config(["--preset", "paper", "--data", "tsm:x"]).eval_steps == 500
     assert parse_config(["--preset", "paper", "--data", "massive:x", "--train-langs", "seen"]).eval_steps == 5000
     assert parse_config(["--preset", "paper", "--data", "tsm:x", "--train-langs", "english"]).eval_steps == 60
-    explicit = parse_config(["--preset", "paper", "--data", "tsm:x", "--batch-size", "32", "--seeds", "7"])
+    # Keyed on the paper's section: Table 3's English-trained students are §3.3 (250 / 5000, not 60 / 100).
+    for data, steps in (("tsm:x", 250), ("massive:x", 5000)):
+        assert parse_config(["--preset", "paper-3.3", "--data", data, "--train-langs", "english"]).eval_steps == steps
+    assert parse_config(["--preset", "paper-3.4", "--data", "tsm:x", "--train-langs", "english"]).eval_steps == 60
+    explicit = parse_config(["--preset", "paper", "--data", "tsm:x", "--batch-size", "32", "--seeds", "7",
+                             "--precision", "auto", "--group-by-length"])
     assert explicit.batch_size == 32 and explicit.seeds == (7,) and explicit.epochs == 30
+    assert explicit.precision == "auto" and explicit.group_by_length is True
     # Not a preset: our defaults; and the preset is no part of a run's identity.
     plain = parse_config(["--data", "tsm:x"])
     assert (plain.batch_size, plain.seeds, plain.eval_steps, plain.epochs) == (32, (42,), None, None)
+    assert (plain.precision, plain.group_by_length, plain.eval_last_step) == ("auto", True, True)
     same = parse_config(["--data", "tsm:x", "--batch-size", "8", "--epochs", "30", "--seeds", "1", "2", "3",
-                         "--eval-steps", "500"])
+                         "--eval-steps", "500", "--precision", "fp32", "--no-group-by-length", "--no-eval-last-step"])
     assert parse_config(["--preset", "paper", "--data", "tsm:x"]).identity() == same.identity()
+
+
+def _eval_steps(out: Path) -> list[int]:
+    return [r["step"] for r in _records(out) if r["type"] == "eval" and not r.get("final")]
+
+
+def test_no_eval_last_step_evaluates_only_on_the_grid(demo_teacher, cache, tmp_path):
+    """As the paper's Trainer: no evaluation at a last step off the --eval-steps grid, unless the
+    run had none at all (there must be a best model)."""
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--eval-steps", "2",
+              "--cache-dir", str(cache), "--num-threads", "1", "--no-eval-last-step"]
+    result = main(common + ["--max-steps", "5", "--out", str(tmp_path / "grid")])
+    assert _eval_steps(tmp_path / "grid") == [2, 4] and result["best_step"] in (2, 4) and result["steps"] == 5
+    main(common + ["--max-steps", "1", "--out", str(tmp_path / "short")])
+    assert _eval_steps(tmp_path / "short") == [1]
+
+
+def test_resolved_precision_is_part_of_the_run(demo_teacher, cache, tmp_path, monkeypatch, capsys):
+    """--precision auto is stored as what it resolved to: the same command on hardware where auto
+    means bf16 is another run, not a resume of the fp32 one."""
+    out = tmp_path / "o"
+    argv = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "2",
+            "--cache-dir", str(cache), "--num-threads", "1", "--out", str(out)]
+    result = main(argv + ["--stop-after", "1"])
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    assert identity["precision"] == "fp32" and "stopped_at" in result  # the demo's 64-wide models: fp32
+    monkeypatch.setattr("xlmr_mini.run_setup.resolve_precision", lambda *a, **k: "bf16")  # a bf16 GPU
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "precision: 'fp32' there, 'bf16' now" in err, err
+
+
+def test_dropout_overrides_reach_the_saved_model(demo_teacher, cache, tmp_path):
+    main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "1",
+          "--dropout", "0", "--attention-dropout", "0.05", "--cache-dir", str(cache), "--num-threads", "1",
+          "--out", str(tmp_path / "o")])
+    saved = XLMRConfig.from_hf(tmp_path / "o" / "best")
+    assert XLMRConfig.from_hf(demo_teacher).hidden_dropout_prob == 0.1
+    assert (saved.hidden_dropout_prob, saved.attention_probs_dropout_prob, saved.classifier_dropout) == (0.0, 0.05, None)
+    with pytest.raises(InputError, match="--dropout 1.5"):
+        TrainConfig(dropout=1.5)
 
 
 def test_from_scratch_kd_learns_with_the_default_attention_target(demo_teacher, cache, tmp_path):

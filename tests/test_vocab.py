@@ -93,7 +93,7 @@ def test_trimmed_tokenizer_segments_every_tweet_as_the_full_one(trimmed_tsm):
 
     root, summary = trimmed_tsm
     assert 30_000 < summary["kept"] < 45_000 and summary["vocab"] == 250_002
-    full, trimmed = HFTokenizer.from_file(str(XLMR_TOKENIZER)), HFTokenizer.from_file(str(root / "trimmed" / "tokenizer.json"))
+    full, trimmed = (HFTokenizer.from_file(str(root / d / "tokenizer.json")) for d in ("full", "trimmed"))
     texts = [t for split in load_task(f"tsm:{TSM}").splits.values() for t in split.texts]
     a, b = full.encode_batch(texts), trimmed.encode_batch(texts)
     assert sum(x.tokens != y.tokens for x, y in zip(a, b)) == 0

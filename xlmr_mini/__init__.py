@@ -19,7 +19,8 @@ Module map. Three layers; a module imports only from its own layer or the layers
   claims), `results` (scores and summaries) and `demo_models` (the demo's teacher and base);
   `evaluate`, `check`, `trim` (a saved model and its tokenizer trimmed to a dataset's tokens);
   `study` (the paper's tables and figures in one command) with `study_plan` (which runs),
-  `study_estimate` (step rates) and `study_report` (tables, figures); and the benchmarks in
+  `select_teacher` (the best of the teacher seeds), `study_estimate` (step rates) and
+  `study_report` (tables, figures); and the benchmarks in
   `bench/`.
 
 `kernels/` and `data/` sit at the top of the source tree and install as `xlmr_mini.kernels` and
@@ -31,5 +32,5 @@ LAYERS = {
     "library": ("copy_weights", "kd_loss", "kernels", "data", "metrics", "inference", "kd_step", "progress",
                 "distributed", "vocab", "step_impl"),
     "application": ("train", "train_config", "run_setup", "run_dir", "results", "demo_models", "evaluate", "check",
-                    "trim", "study", "study_plan", "study_estimate", "study_report", "bench"),
+                    "trim", "study", "study_plan", "select_teacher", "study_estimate", "study_report", "bench"),
 }

@@ -11,6 +11,7 @@ runs reproducible.
 import hashlib
 import json
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,11 +28,17 @@ PROBE_SHAPE = (1024, 768, 3072)  # (tokens, in, out): a BERT-base MLP matmul at 
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a device this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise InputError(f"--device {name}: not supported; choose cpu, cuda, cuda:N or auto")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolve_precision(name: str, device: torch.device, hidden_size: int, cache_dir: str | Path) -> str:

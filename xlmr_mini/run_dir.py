@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from xlmr_mini.checkpoint import hf_state_dict, save_hf
 from xlmr_mini.errors import InputError
-from xlmr_mini.files import atomic_write
+from xlmr_mini.files import atomic_write, disk_space, readable, reports_full_disk
 from xlmr_mini.kd_step import StepContext
 from xlmr_mini.train_config import TrainConfig
 from xlmr_mini.vocab import expand_state_dict, full_config, trim_tokenizer
@@ -40,8 +40,9 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with disk_space(self.file.name):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
@@ -71,6 +72,7 @@ def rng_state() -> dict:
     return state
 
 
+@reports_full_disk
 def save_checkpoint(path: Path, ctx: StepContext, progress: dict, rng: list[dict] | None = None) -> None:
     """Write the training state into a fresh directory, then swap it in with renames: a crash
     leaves the previous checkpoint (or, between the two renames, `.checkpoint.old`, which
@@ -104,22 +106,27 @@ def load_checkpoint(path: Path, ctx: StepContext, device, rank: int = 0, world_s
         if not (old / "progress.json").is_file():
             raise InputError(f"--resume: {path} is not a complete checkpoint")
         path = old
-    tensors = load_file(str(path / "model.safetensors"), device=str(device))
+    advice = "pass --overwrite to start the run over (or restore the file)"
+    with readable(path / "model.safetensors", advice):
+        tensors = load_file(str(path / "model.safetensors"), device=str(device))
     kept = tensors.pop("vocab.kept", None)
     if (kept is None) != (ctx.vocab is None) or (kept is not None and not np.array_equal(kept.cpu().numpy(), ctx.vocab.kept)):
         raise InputError(f"--resume: {path} was trained on another vocabulary (the data, tokenizer or --no-trim changed)")
-    ctx.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
-    if ctx.proj is not None:
-        ctx.proj.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    ctx.optimizer.load_state_dict(state["optimizer"])
-    ctx.scheduler.load_state_dict(state["scheduler"])
-    ranks = state.get("rank_rng", [])
-    rng = ranks[rank] if len(ranks) == world_size else state["rng"]
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "progress.json").read_text(encoding="utf-8"))
+    with readable(path / "model.safetensors", advice):
+        ctx.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
+        if ctx.proj is not None:
+            ctx.proj.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
+    with readable(path / "training_state.pt", advice):
+        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        ctx.optimizer.load_state_dict(state["optimizer"])
+        ctx.scheduler.load_state_dict(state["scheduler"])
+        ranks = state.get("rank_rng", [])
+        rng = ranks[rank] if len(ranks) == world_size else state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    with readable(path / "progress.json", advice):
+        return json.loads((path / "progress.json").read_text(encoding="utf-8"))
 
 
 def save_best(path: Path, ctx: StepContext, tokenizer_file: Path, save_vocab: str, untouched_scale: float) -> None:
@@ -132,9 +139,7 @@ def save_best(path: Path, ctx: StepContext, tokenizer_file: Path, save_vocab: st
     elif save_vocab == "full":
         save_hf(path, full_config(cfg, ctx.vocab), expand_state_dict(state, ctx.vocab, untouched_scale), tokenizer_file)
     else:
-        tokenizer = trim_tokenizer(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")), ctx.vocab)
-        save_hf(path, cfg, state)
-        atomic_write(path / "tokenizer.json", json.dumps(tokenizer, ensure_ascii=False))
+        save_hf(path, cfg, state, trim_tokenizer(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")), ctx.vocab))
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "best", "checkpoint", ".checkpoint.tmp", ".checkpoint.old")
@@ -165,7 +170,9 @@ def claim_out(cfg: TrainConfig, out: Path) -> None:
     if cfg.overwrite:
         clear_run(out)
     elif run_file.is_file():
-        _check_same_run(cfg, out, json.loads(run_file.read_text(encoding="utf-8")))
+        with readable(run_file, "pass --overwrite to start the run over, or choose another --out"):
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+        _check_same_run(cfg, out, previous)
     elif out.is_dir() and any((out / name).exists() for name in ("checkpoint", "best", "metrics.jsonl", "results.json")):
         raise InputError(f"--out {out}: holds training output without run.json; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)

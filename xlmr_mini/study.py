@@ -28,19 +28,22 @@ from pathlib import Path
 
 import torch
 
+from xlmr_mini.checkpoint import check_model_dir
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.data import TaskData, load_task, select_languages, stratified_subset
 from xlmr_mini.demo_models import demo_base
 from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
 from xlmr_mini.evaluate import main as evaluate_main
-from xlmr_mini.files import atomic_write
+from xlmr_mini.files import atomic_write, check_output_dir, check_output_file
+from xlmr_mini.hardware import resolve_device
+from xlmr_mini.kd_step import TrainingError
 from xlmr_mini.inference import final_split
 from xlmr_mini.progress import clock
 from xlmr_mini.study_estimate import measure_step_seconds
 from xlmr_mini.study_plan import PLANS, Planner, Run, StudySettings, plan_runs, train_config
 from xlmr_mini.study_report import Results, build_tables, draw_figures, write_plan
 from xlmr_mini.train import train
-from xlmr_mini.train_config import DEMO_EPOCHS
+from xlmr_mini.train_config import DEMO_EPOCHS, TrainConfig, check_seeds
 
 # The demo's schedules: teachers fine-tune the pretrained demo base, students distil in a few epochs.
 DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, DEMO_EPOCHS
@@ -75,13 +78,24 @@ def settings_from(args) -> tuple[StudySettings, XLMRConfig]:
         raise InputError(f"--jobs {args.jobs}: must be at least 1")
     if kind not in ("demo", "massive", "tsm"):
         raise InputError(f"--data {args.data}: the study reproduces the paper on massive:PATH or tsm:PATH (or demo)")
+    check_seeds(tuple(args.seeds))
+    check_output_dir(args.out, "--out")
+    if args.emit_commands is not None:
+        check_output_file(args.emit_commands, "--emit-commands")
+    if args.cache_dir is not None:
+        check_output_dir(args.cache_dir, "--cache-dir")
+    if args.device is not None:
+        resolve_device(args.device)
     base = args.base
-    if base is None:
+    if base is not None:
+        check_model_dir(base, "--base")
+    else:
         if kind != "demo":
             raise InputError("--base: give the pretrained base directory (e.g. xlm-roberta-base); only the demo has its own")
         base = str(demo_base(args.cache_dir))
     base_cfg = XLMRConfig.from_hf(base)
     overrides = {name.replace("_", "-"): getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    TrainConfig(**{name.replace("-", "_"): value for name, value in overrides.items()})  # checks their ranges
     shortened = "epochs" in overrides or "max-steps" in overrides
     if kind == "demo":
         overrides.setdefault("epochs", DEMO_STUDENT_EPOCHS)
@@ -108,7 +122,10 @@ def settings_text(s: StudySettings, base_cfg: XLMRConfig) -> str:
 def run_one(run: Run, out: Path) -> None:
     """Train (or evaluate) one run into `out`; a finished run returns at once."""
     if run.tool == "train":
-        train(train_config(run, out), quiet=True)
+        try:
+            train(train_config(run, out), quiet=True)
+        except TrainingError as e:
+            raise TrainingError(f"run {out}: {e}") from None
     elif not (out / run.result_file).is_file():
         out.mkdir(parents=True, exist_ok=True)
         evaluate_main(run.argv + ["--json", str(out / run.result_file)])
@@ -232,6 +249,15 @@ def emit_commands(runs: dict[str, Run], planner: Planner, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 @cli_main
 def main(argv=None) -> list[Path]:
+    try:
+        return _main(argv)
+    except TrainingError as e:
+        print(f"error: training stopped: {e} The runs that finished are kept: rerun the study once this is "
+              f"fixed.", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _main(argv) -> list[Path]:
     args = _parser().parse_args(argv)
     s, base_cfg = settings_from(args)
     plans = list(PLANS) if args.plan == "all" else [args.plan]

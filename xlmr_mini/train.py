@@ -41,7 +41,7 @@ from xlmr_mini.progress import Progress
 from xlmr_mini.results import finish_seed, report
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, rng_state,
                                save_best, save_checkpoint, seed_dirs)
-from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare
+from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare, resolve_run_precision
 from xlmr_mini.step_impl import check_step, plan_step
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
@@ -65,7 +65,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     started = time.time()
     train_enc = setup.splits["train"]
     pad_id = Tokenizer(setup.tokenizer_file).pad_id
-    steps_per_epoch = len(epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=0, pad_id=pad_id))
+    steps_per_epoch = len(_epoch(cfg, train_enc, seed, 0, pad_id))
     total = cfg.max_steps or setup.epochs * steps_per_epoch
     eval_every = cfg.eval_steps or steps_per_epoch
     plan = plan_step(cfg.kd_impl, cfg.compile, device, not cfg.no_kd, cfg.loss_norm)
@@ -77,7 +77,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     limit = min(total, cfg.stop_after or total)
     if prog.step < limit:  # the self-check of what --kd-impl / --compile auto chose, on the batch training starts with
         epoch, k = divmod(prog.step, steps_per_epoch)
-        first = epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id)[k]
+        first = _epoch(cfg, train_enc, seed, epoch, pad_id)[k]
         plan = check_step(ctx, plan, distributed.shard_batch(first)[0], device, cfg.cache_dir or default_cache_dir())
     log = distributed.on_main(metrics_writer, out / "metrics.jsonl", keep_through=prog.step) or MetricsLog(None)
     world = distributed.world_size()
@@ -86,8 +86,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     try:
         while prog.step < limit:
             epoch, k = divmod(prog.step, steps_per_epoch)
-            batches = epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id)
-            for batch in batches[k:]:
+            for batch in _epoch(cfg, train_enc, seed, epoch, pad_id)[k:]:
                 _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, epoch, device)
                 if prog.step >= limit:
                     break
@@ -104,8 +103,12 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device) -> di
     finally:
         log.close()
     bar.close()
-    return finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, "bf16" if ctx.bf16 else "fp32",
-                       plan.record())
+    return finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, cfg.precision, plan.record())
+
+
+def _epoch(cfg: TrainConfig, train_enc, seed: int, epoch: int, pad_id: int):
+    return epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id,
+                         group_by_length=cfg.group_by_length)
 
 
 def _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, epoch, device) -> None:
@@ -120,7 +123,9 @@ def _one_step(cfg, setup, ctx, prog, batch, out, log, bar, eval_every, total, ep
     log.write({"type": "train", "step": prog.step, "epoch": epoch, "lr": lr, "world_size": distributed.world_size(),
                "samples_per_s": round(rate, 1), **values})
     bar.update(prog.step, values["loss"])
-    if prog.step % eval_every == 0 or prog.step == total:
+    # The last step is evaluated off the --eval-steps grid only with --eval-last-step, or when the
+    # run has had no evaluation at all (there must be a best model to report).
+    if prog.step % eval_every == 0 or (prog.step == total and (cfg.eval_last_step or prog.last_eval_step == 0)):
         _evaluate_dev(cfg, setup, ctx, prog, out, log, device)
         _save_checkpoint(out, ctx, prog)
 
@@ -172,6 +177,7 @@ def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool) -> di
     elif cfg.is_demo and arch is None and cfg.teacher is None and cfg.base is None:
         arch = demo_architecture(load_task("demo", cache_dir=cfg.cache_dir))  # from-scratch takes its sizes
     setup = prepare(cfg, teacher_dir=teacher, arch=arch)
+    cfg = resolve_run_precision(cfg, setup, device)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     distributed.on_main(claim_out, cfg, out)
     runs = []
