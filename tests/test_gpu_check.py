@@ -18,7 +18,7 @@ def test_cpu_smoke_writes_every_section_to_json_and_markdown(tmp_path, capsys):
     assert all(r["measured_us"] > 0 and r["achieved_GB_s"] > 0 for r in sections["kernel bandwidth"]["rows"])
     step = {r["implementation"]: r for r in sections["KD step"]["rows"]}
     assert step.keys() == {"transformers-bf16", "xlmr_mini"} and all(r["samples_per_s"] > 0 for r in step.values())
-    assert step["xlmr_mini"]["kd_impl"] == {"asked": "auto", "used": "reference"}  # CPU: auto is the reference
+    assert step["xlmr_mini"]["step_impl"]["kd_impl"] == {"asked": "auto", "used": "reference"}  # CPU: the reference
     assert sections["self-check"]["rows"][0]["kd_impl"]["used"] == "reference"
     assert any("train" in line for line in sections["study dry run"]["rows"][0]["output_tail"])
     md = (tmp_path / "gpu_check.md").read_text()

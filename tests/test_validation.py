@@ -102,7 +102,7 @@ def test_non_finite_weights_name_the_tensor(model, cache, tmp_path, capsys):
 
 # 7, 9, 12: flags out of range are refused before anything is written
 @pytest.mark.parametrize("flags, expect", [
-    (["--seeds", "1", "1"], "seed 1 is given twice"),
+    (["--seed", "1", "1"], "seed 1 is given twice"),
     (["--warmup-ratio", "5"], "--warmup-ratio 5.0: must be a fraction in [0, 1)"),
     (["--lr", "nan"], "--lr nan: must be a positive number"),
     (["--lr", "-1"], "--lr -1.0: must be a positive number"),
@@ -136,7 +136,7 @@ def test_evaluate_flags_out_of_range(flags, expect, model, cache, tmp_path, caps
 
 def test_study_refuses_repeated_seeds_and_bad_overrides(model, cache, tmp_path, capsys):
     common = ["table5", "--base", str(model), "--out", str(tmp_path / "s"), "--cache-dir", str(cache)]
-    assert "seed 2 is given twice" in _one_line(capsys, study_main, common + ["--seeds", "1", "2", "2"])
+    assert "seed 2 is given twice" in _one_line(capsys, study_main, common + ["--seed", "1", "2", "2"])
     assert "--lr nan: must be a positive number" in _one_line(capsys, study_main, common + ["--lr", "nan"])
     assert not (tmp_path / "s").exists()
 
@@ -161,7 +161,7 @@ def test_malformed_config_is_one_line(changes, expect, model, tmp_path, capsys):
     assert str(bad / "config.json") in err and expect in err, err
 
 
-@pytest.mark.parametrize("content, expect", [("[1, 2]", "got list"), ("null", "got NoneType")])
+@pytest.mark.parametrize("content, expect", [("[1, 2]", "got list"), ("null", "got null")])
 def test_config_that_is_not_an_object(content, expect, model, cache, tmp_path, capsys):
     bad = _variant(model, tmp_path / "bad")
     (bad / "config.json").write_text(content)
@@ -242,7 +242,7 @@ def test_a_full_disk_says_so_and_where(tmp_path, monkeypatch):
 
 # 14: a diverged run inside the study; a parquet text column that is not text
 def test_a_run_diverging_inside_the_study_is_one_line(model, cache, tmp_path, capsys, monkeypatch):
-    def diverge(cfg, quiet=False):
+    def diverge(cfg, quiet=False, label=None):
         raise TrainingError("seed 1, step 3: the loss is nan; no checkpoint was written yet. Try a lower --lr.")
 
     monkeypatch.setattr("xlmr_mini.study.train", diverge)

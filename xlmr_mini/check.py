@@ -1,4 +1,5 @@
 """`python -m xlmr_mini.check DIR`: load an HF XLM-R checkpoint natively and classify a few texts."""
+import argparse
 import logging
 
 import torch
@@ -8,13 +9,17 @@ from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
 from xlmr_mini.tokenizer import Tokenizer
 
 
-@cli_main
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog="python -m xlmr_mini.check", description=__doc__)
     p.add_argument("model", help="HF checkpoint directory (config.json + safetensors)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the model directory)")
     p.add_argument("--text", action="append", help="text to classify (repeatable)")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = load_model(check_model_dir(args.model, "model")).eval()
     cfg = model.cfg

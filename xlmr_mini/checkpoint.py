@@ -214,7 +214,7 @@ def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor]
     atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(path / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer_file is not None:
-        save_tokenizer(path, tokenizer_file, cfg.max_position_embeddings - cfg.pad_token_id - 1)
+        save_tokenizer(path, tokenizer_file, cfg.max_tokens)
     return path
 
 

@@ -46,7 +46,8 @@ class XLMRConfig:
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "XLMRConfig":
         """The config a config.json dict describes, each used key checked for its type and range."""
         if not isinstance(d, dict):
-            raise InputError(f"{source}: expected a JSON object of model settings, got {type(d).__name__}")
+            got = "null" if d is None else type(d).__name__
+            raise InputError(f"{source}: expected a JSON object of model settings, got {got}")
         if d.get("model_type") not in XLMR_MODEL_TYPES:
             raise InputError(f"{source}: model_type {d.get('model_type')!r} is not XLM-R ('xlm-roberta')")
         act = d.get("hidden_act", "gelu")
@@ -59,8 +60,9 @@ class XLMRConfig:
         values = {k: v for k, v in d.items() if k in fields and (v is not None or k == "classifier_dropout")}
         for key, value in values.items():
             _check_value(key, value, source)
+        id2label = _id2label(d, source)
         try:
-            cfg = cls(id2label=_id2label(d, source), **values)
+            cfg = cls(id2label=id2label, **values)
         except InputError as e:
             raise InputError(f"{source}: {e}") from None
         if not cfg.pad_token_id + 1 < cfg.max_position_embeddings:

@@ -85,8 +85,8 @@ def readable(path: str | Path, advice: str):
     except InputError:
         raise
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{path}: damaged, cannot be read ({reason[:200]}); {advice}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise InputError(f"{path}: damaged, cannot be read ({reason}); {advice}") from None
 
 
 def check_output_dir(path: str | Path, flag: str) -> None:

@@ -3,6 +3,7 @@ context (`build_context`): data, tokenizer and labels; the student as `--init` s
 `copy_weights.init_student`); the frozen teacher for KD; optimizer and schedule.
 """
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -35,6 +36,7 @@ from xlmr_mini.vocab import WORD_KEY, VocabTrim, always_kept, kept_ids, trim_con
 class Setup:
     task: TaskData
     tokenizer_file: Path
+    tokenizer: Tokenizer  # loaded once: XLM-R's tokenizer.json takes seconds to read
     teacher_dir: Path | None  # the teacher used for init and/or KD (None: no teacher)
     labels: tuple[str, ...]  # the model's label order
     splits: dict[str, EncodedSplit]  # train, dev (the examples that select the checkpoint), final
@@ -73,11 +75,11 @@ def prepare(cfg: TrainConfig, teacher_dir: Path | None = None, arch: XLMRConfig 
     final_name, note = final_split(task)
     splits = _encode(cfg, task, tokenizer, remap, final_name)
     _check_save_vocab(cfg, Path(tok))
-    vocab = None if cfg.no_trim else task_vocab(splits, Path(tok))
+    vocab = None if cfg.no_trim else task_vocab(splits, tokenizer)
     if vocab is not None:
         splits = {name: vocab.to_task(enc) for name, enc in splits.items()}
-    setup = Setup(task=task, tokenizer_file=Path(tok), teacher_dir=teacher_dir, labels=labels, splits=splits,
-                  final_name=final_name, final_note=note, arch=arch, vocab=vocab,
+    setup = Setup(task=task, tokenizer_file=Path(tok), tokenizer=tokenizer, teacher_dir=teacher_dir, labels=labels,
+                  splits=splits, final_name=final_name, final_note=note, arch=arch, vocab=vocab,
                   select_langs=tuple(sorted(set(splits["dev"].langs))),
                   epochs=cfg.epochs or (DEMO_EPOCHS if cfg.is_demo else PAPER_EPOCHS),
                   lr=cfg.lr if cfg.lr is not None else (DEMO_LR if cfg.is_demo else PAPER_LR))
@@ -96,6 +98,9 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise InputError("--base: from-base copies a pretrained base model; give its directory (e.g. xlm-roberta-base)")
     if not 0.0 < cfg.subset <= 1.0:
         raise InputError(f"--subset {cfg.subset}: must be a fraction in (0, 1]")
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--report-to tensorboard: the tensorboard package is not installed; "
+                         "pip install -e \".[tensorboard]\"")
     for flag, model in (("--teacher", cfg.teacher), ("--base", cfg.base)):
         if model is not None:
             check_model_dir(model, flag)
@@ -130,13 +135,12 @@ def _check_save_vocab(cfg: TrainConfig, tokenizer_file: Path) -> None:
                          f"can be trimmed")
 
 
-def task_vocab(splits: dict[str, EncodedSplit], tokenizer_file: Path) -> VocabTrim:
+def task_vocab(splits: dict[str, EncodedSplit], tokenizer: Tokenizer) -> VocabTrim:
     """The rows training needs: every token of every split the student runs on (train, dev, the
     reported split: a row of a token seen only in evaluation is never trained, but it is looked
     up), and the tokenizer's special tokens. Training on these rows alone is exact (see `vocab`)."""
-    tokenizer = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
-    full_size = Tokenizer(tokenizer_file).vocab_size
-    return kept_ids((enc.tokens for enc in splits.values()), full_size, always_kept(tokenizer))
+    spec = json.loads(tokenizer.path.read_text(encoding="utf-8"))
+    return kept_ids((enc.tokens for enc in splits.values()), tokenizer.vocab_size, always_kept(spec))
 
 
 def student_spec(cfg: TrainConfig, setup: Setup) -> StudentSpec:

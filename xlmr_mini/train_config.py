@@ -11,7 +11,7 @@ import math
 
 from xlmr_mini.config import check_max_length
 from xlmr_mini.copy_weights import INITS
-from xlmr_mini.errors import InputError, OneLineErrorParser
+from xlmr_mini.errors import InputError, IntList, OneLineErrorParser, deprecated_alias
 from xlmr_mini.hardware import PRECISIONS
 from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, LOSS_NORMS
 from xlmr_mini.metrics import METRICS
@@ -28,14 +28,15 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEEDS = (42,)
 SELECT_ON = ("train-langs", "all")
 AT_LEAST_1 = ("batch_size", "eval_batch_size", "epochs", "max_steps", "eval_steps", "stop_after", "layers", "hidden",
-              "heads", "intermediate", "num_threads", "dist_timeout")
+              "heads", "intermediate", "num_threads", "dist_timeout", "grad_accum", "save_steps", "logging_steps")
 # --preset paper-3.2|3.3|3.4 applies the settings of that section of the paper; plain `paper`
-# takes the section from --train-langs (all: 3.2, seen: 3.3, english: 3.4). Table 3's
+# takes the section from --langs (all: 3.2, seen: 3.3, english: 3.4). Table 3's
 # English-trained students belong to 3.3: give them --preset paper-3.3.
 SECTIONS = ("3.2", "3.3", "3.4")
 SECTION_OF_LANGS = {"all": "3.2", "seen": "3.3", "english": "3.4"}
 PRESETS = ("paper",) + tuple(f"paper-{s}" for s in SECTIONS)
 SAVE_VOCABS = ("full", "task")
+REPORT_TO = ("none", "tensorboard")
 # §3.1: evaluation every 5000 steps on massive for §3.2-3.3 and 100 for §3.4 (English only);
 # on tsm 500, 250 and 60 for §3.2 (all languages), §3.3 (seen languages) and §3.4.
 PAPER_EVAL_STEPS = {("massive", "3.2"): 5000, ("massive", "3.3"): 5000, ("massive", "3.4"): 100,
@@ -58,10 +59,10 @@ def paper_settings(data: str | None, section: str | None) -> dict:
 
 def check_seeds(seeds: tuple[int, ...]) -> None:
     if not seeds:
-        raise InputError("--seeds: give at least one seed")
+        raise InputError("--seed: give at least one seed")
     repeated = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
     if repeated is not None:
-        raise InputError(f"--seeds {' '.join(map(str, seeds))}: seed {repeated} is given twice (each seed is one run)")
+        raise InputError(f"--seed {' '.join(map(str, seeds))}: seed {repeated} is given twice (each seed is one run)")
 
 
 def preset_section(preset: str, train_langs: str) -> str | None:
@@ -86,14 +87,19 @@ class TrainConfig:
     hidden: int | None = _field(None, "student hidden size (default: the teacher's)")
     heads: int | None = _field(None, "student attention heads (default: the teacher's)")
     intermediate: int | None = _field(None, "student MLP size (default: the teacher's, scaled like --hidden)")
-    layer_map: list[int] | None = _field(None, "0-based teacher layer per student layer (default: layer i*divisor, paper eq. 5)")
-    train_langs: str = _field("all", "training languages: all | seen | english | comma-separated list")
-    subset: float = _field(1.0, "train on this stratified fraction of the training split (0-1]")
+    layer_map: list[int] | None = _field(None, "0-based teacher layer per student layer, space-separated, e.g. 0 2 4 "
+                                         "(default: layer i*divisor, paper eq. 5)")
+    train_langs: str = _field("all", "training languages: all | seen | english | comma-separated list", flag="--langs",
+                              aliases=("--train-langs",))
+    subset: float = _field(1.0, "train on this stratified fraction of the training split (0-1]",
+                           aliases=("--fraction",))
     epochs: int | None = _field(None, f"training epochs (default: {PAPER_EPOCHS} as the paper; the demo: {DEMO_EPOCHS})")
     max_steps: int | None = _field(None, "train exactly this many steps instead (the schedule decays over them)")
     batch_size: int | None = _field(None, f"training batch size (default: {DEFAULT_BATCH_SIZE}, faster on a GPU; the paper "
                                     f"kept transformers' default 8, see --preset paper); under torchrun the global "
                                     f"batch, split across the processes")
+    grad_accum: int = _field(1, "gradient accumulation: run each batch as this many smaller forward/backward passes "
+                             "(for a small GPU); the optimizer step and the batch stay --batch-size's")
     eval_batch_size: int = _field(64, "evaluation batch size")
     lr: float | None = _field(None, f"peak learning rate (default: {PAPER_LR}, transformers' default; the demo: {DEMO_LR})")
     weight_decay: float = _field(0.0, "AdamW weight decay")
@@ -105,8 +111,18 @@ class TrainConfig:
     eval_last_step: bool | None = _field(None, "also evaluate at the last step when it is not a multiple of --eval-steps "
                                          "(default: yes; --preset paper: no, as the paper's transformers Trainer; a "
                                          "run that never reached --eval-steps is still evaluated at its end)")
-    seeds: list[int] | None = _field(None, "one run per seed; several report mean and spread (default: 42; the paper: "
-                                     "1 2 3)")
+    save_steps: int | None = _field(None, "write the checkpoint (for --resume) every this many steps (default: at "
+                                    "each evaluation)")
+    keep_checkpoint: bool = _field(False, "keep checkpoint/ (optimizer state, about twice the model) after the run "
+                                   "finishes; by default a finished run removes it")
+    logging_steps: int = _field(1, "write one training record to metrics.jsonl every this many steps: the mean of "
+                                "their loss terms (a record is ~440 bytes; at the paper's settings one per step "
+                                "adds up to ~1 GB on massive)")
+    report_to: str = _field("none", "also log to TensorBoard, in <out>/tensorboard (pip install -e \".[tensorboard]\")",
+                            choices=REPORT_TO)
+    seeds: list[int] | None = _field(None, "one run per seed, e.g. --seed 1 2 3; several report mean and spread and "
+                                     "copy the best seed's model on dev to <out>/best (default: 42; the paper: 1 2 3)",
+                                     flag="--seed", aliases=("--seeds",))
     metric: str = _field("micro-f1", "dev metric that picks the best checkpoint (the paper's F1 is micro-F1)", choices=METRICS)
     select_on: str = _field("train-langs", "dev languages that pick the best checkpoint: the training languages only "
                             "(zero-shot runs never see held-out labels) or all", choices=SELECT_ON)
@@ -146,8 +162,15 @@ class TrainConfig:
                           "auto: on CUDA, checked against eager on the first batch (falls back on a mismatch), off on "
                           "CPU (--compile alone: on)", choices=COMPILES, const="on")
     device: str = _field("auto", "cpu, cuda, or auto")
+    deterministic: bool = _field(False, "PyTorch's deterministic algorithms and cuBLAS's fixed workspace "
+                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower; CPU "
+                                 "runs repeat without it. An operation with no deterministic GPU version stops the run, "
+                                 "named")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
-    out: str | None = _field(None, "output directory (default: runs/<data>-<init>-<layers>L-<kd|nokd>)")
+    out: str | None = _field(None, "run directory: run.json, metrics.jsonl, results.json, best/ (the best model on "
+                             "dev, an HF directory), checkpoint/ (kept with --keep-checkpoint), tensorboard/; with "
+                             "several seeds a seed-N/ of these per seed, the summary results.json and the best "
+                             "seed's best/ (default: runs/<data>-<init>[-<layers>L]-<kd|nokd>)")
     resume: bool = _field(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = _field(False, "replace a different run found in --out")
     stop_after: int | None = _field(None, "checkpoint and stop once the run reaches this step (continue later with --resume)")
@@ -157,7 +180,7 @@ class TrainConfig:
     preset: str | None = _field(None, "the paper's settings where our defaults differ (batch 8, 30 epochs, seeds 1 2 3, "
                                 "fp32, plain random batches, its evaluation steps and no evaluation at a last step "
                                 "off that grid); paper-3.2, paper-3.3 and paper-3.4 take the evaluation steps of that "
-                                "section, paper those of the section of --train-langs (all: 3.2, seen: 3.3, "
+                                "section, paper those of the section of --langs (all: 3.2, seen: 3.3, "
                                 "english: 3.4). Table 3's English-trained students are §3.3: use paper-3.3. Flags "
                                 "given explicitly still win", choices=PRESETS)
 
@@ -194,6 +217,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise InputError(f"--{name.replace('_', '-')} {value}: must be a probability in [0, 1)")
+        if self.grad_accum > self.batch_size:
+            raise InputError(f"--grad-accum {self.grad_accum}: more passes than the {self.batch_size} examples of a "
+                             f"batch (--batch-size)")
+        if self.grad_accum > 1 and self.kd_impl == "fused" and not self.no_kd:
+            raise InputError("--grad-accum: --kd-impl fused normalises by each pass's own examples; use --kd-impl "
+                             "reference with gradient accumulation")
 
     @property
     def is_demo(self) -> bool:
@@ -201,8 +230,10 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The settings that define the run's result (what `run.json` compares)."""
-        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "kd_impl", "device", "cache_dir",
-                   "preset", "dist_timeout"}
+        # grad_accum changes the sums' order only (the same run within float rounding).
+        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "kd_impl", "device", "cache_dir", "preset",
+                   "dist_timeout", "grad_accum", "save_steps", "keep_checkpoint", "logging_steps", "report_to",
+                   "deterministic"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
@@ -220,7 +251,8 @@ def _parser() -> argparse.ArgumentParser:
         "--layers 6 --data tsm:PATH --preset paper.",
     )
     for f in dataclasses.fields(TrainConfig):
-        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        meta = dict(f.metadata)
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if f.type == "bool" or f.type is bool:
             p.add_argument(flag, action="store_true", help=meta["help"])
             continue
@@ -229,11 +261,14 @@ def _parser() -> argparse.ArgumentParser:
             continue
         kind = {"int": int, "float": float, "str": str}
         base = next((t for name, t in kind.items() if str(f.type).startswith(name) or f.type is t), str)
-        nargs = "+" if str(f.type).startswith("list") else ("?" if "const" in meta else None)
+        listed = dict(nargs="+", action=IntList) if str(f.type).startswith("list") else dict(type=base)
+        if "const" in meta:  # a flag that may stand alone: --compile means --compile on
+            listed.update(nargs="?", const=meta["const"])
         default_text = f" (default: {_show(f.default)})" if f.default is not None else ""
-        p.add_argument(flag, type=int if nargs == "+" else base, nargs=nargs, default=f.default,
-                       choices=meta.get("choices"), help=meta["help"] + default_text,
-                       **({"const": meta["const"]} if "const" in meta else {}))
+        p.add_argument(flag, dest=f.name, default=f.default, choices=meta.get("choices"),
+                       help=meta["help"] + default_text, **listed)
+        for old in meta.get("aliases", ()):
+            deprecated_alias(p, old, flag, dest=f.name, **listed)
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     return p
 
