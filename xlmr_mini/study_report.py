@@ -20,7 +20,7 @@ from xlmr_mini.metrics import macro_f1, micro_f1
 from xlmr_mini.study_plan import PAPER, SUBSETS, Planner, Run
 
 METRICS = (("micro_f1", "micro-F1 (the paper's F1)"), ("macro_f1", "macro-F1"))
-CSV_FIELDS = ("plan", "row", "column", "seed", "micro_f1", "macro_f1", "scored_on", "reported_split", "run")
+CSV_FIELDS = ("plan", "row", "column", "seed", "micro_f1", "macro_f1", "scored_on", "reported_split", "run", "settings")
 
 
 class _Any:
@@ -198,8 +198,9 @@ def majority_score(task: TaskData) -> dict[str, float]:
 
 
 def write_plan(plan: str, tables: list[Table], out: Path, settings_text: str, data_kind: str,
-               reported_split: str) -> Path:
-    """PLAN.md and PLAN.csv in `out`; returns the Markdown path."""
+               reported_split: str, settings_key: str) -> Path:
+    """PLAN.md and PLAN.csv in `out` (each CSV row names the settings by `settings_key`); returns
+    the Markdown path."""
     known = data_kind in ("massive", "tsm")
     parts = []
     for t in tables:
@@ -217,7 +218,7 @@ def write_plan(plan: str, tables: list[Table], out: Path, settings_text: str, da
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for t in tables:
-        writer.writerows(t.records())
+        writer.writerows({**r, "settings": settings_key} for r in t.records())
     atomic_write(out / f"{plan}.csv", buf.getvalue())
     return out / f"{plan}.md"
 
