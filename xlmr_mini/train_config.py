@@ -102,7 +102,8 @@ class TrainConfig:
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
     out: str | None = _field(None, "output directory (default: runs/<data>-<init>-<layers>L-<kd|nokd>)")
     resume: bool = _field(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = _field(False, "replace a different run found in --out")
+    overwrite: bool = _field(False, "train anew in place of the run in --out (a finished one too); the old run is "
+                             "replaced only once the new one is complete (or stopped by --stop-after)")
     stop_after: int | None = _field(None, "checkpoint and stop once the run reaches this step (continue later with --resume)")
     dist_timeout: float = _field(600.0, "under torchrun: seconds a process waits for the others (a collective, or "
                                  "rank 0 writing a checkpoint) before it stops the job")
