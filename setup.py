@@ -5,11 +5,18 @@
 with other distributions (PyPI has a `kernels` package). `pip install -e .` maps the same names
 onto the checkout's folders (setuptools' editable finder reads this package_dir), with no links.
 """
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+# The version lives in xlmr_mini/__init__.py alone (read, not imported: importing needs torch).
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("xlmr_mini").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 setup(
     name="xlmr_mini",
-    version="0.1.0",
+    version=VERSION,
     description="Plain-PyTorch toolkit for distilling multilingual XLM-R classifiers into smaller students",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -26,6 +33,9 @@ setup(
         "numpy>=1.24",
     ],
     # setuptools: tests build and install the package itself (tests/test_install.py).
-    extras_require={"test": ["pytest>=7", "transformers>=4.45", "setuptools>=70.1", "matplotlib>=3.5"],
-                    "plot": ["matplotlib>=3.5"]},
+    # tensorboard does not depend on torch (torch.utils.tensorboard writes through it).
+    extras_require={"test": ["pytest>=7", "transformers>=4.45", "setuptools>=70.1", "matplotlib>=3.5",
+                             "tensorboard>=2.10"],
+                    "plot": ["matplotlib>=3.5"],
+                    "tensorboard": ["tensorboard>=2.10"]},
 )

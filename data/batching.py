@@ -17,7 +17,7 @@ import torch
 from xlmr_mini.data.task import Split
 from xlmr_mini.files import atomic_write, file_sha256
 
-ENCODING_VERSION = 1  # bump when the cached layout or the encoding rule changes
+ENCODING_VERSION = 2  # bump when the cached layout or the encoding rule changes (2: transformers' whitespace)
 POOL_BATCHES = 50  # batches per length-sorting pool: big enough to bucket, small enough to stay random
 
 
@@ -102,13 +102,15 @@ def encode_split(split: Split, tokenizer, max_length: int, cache_dir=None) -> En
 
 
 def _batch_plan(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool,
-                sort_by_length: bool) -> list[np.ndarray]:
+                sort_by_length: bool, group_by_length: bool) -> list[np.ndarray]:
     n = len(lengths)
     if not shuffle:
         order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(n)
         return [order[i : i + batch_size] for i in range(0, n, batch_size)]
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
     pool = batch_size * POOL_BATCHES
     batches = []
     for start in range(0, n, pool):
@@ -150,15 +152,17 @@ class Batches(Sequence):
 
 
 def epoch_batches(enc: EncodedSplit, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-                  pad_id: int, sort_by_length: bool = False) -> Batches:
+                  pad_id: int, sort_by_length: bool = False, group_by_length: bool = True) -> Batches:
     """The batches of one epoch, a deterministic function of (seed, epoch).
 
     shuffle=True: shuffle, cut into pools of 50 batches, sort each pool by length, cut batches,
-    shuffle the batch order. Resuming mid-epoch = rebuilding this and skipping the first k.
+    shuffle the batch order; with group_by_length=False plain random batches (a shuffle cut in
+    order, as transformers' Trainer draws them). Resuming mid-epoch = rebuilding this and
+    skipping the first k.
     shuffle=False (evaluation): dataset order, or length order with `sort_by_length` (each
     batch's `index` maps predictions back).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    plan = _batch_plan(enc.lengths, batch_size, seed, epoch, shuffle, sort_by_length)
+    plan = _batch_plan(enc.lengths, batch_size, seed, epoch, shuffle, sort_by_length, group_by_length)
     return Batches(enc, plan, pad_id)

@@ -119,6 +119,14 @@ def require_values(table: pa.Table, columns, where: str, lines: list[int], unit:
             raise InputError(f"{where} {unit} {lines[first]}: missing value for {name!r}")
 
 
+def string_column(table: pa.Table, name: str, where: str) -> list[str]:
+    """A column of text as Python strings; a column of another type (numbers, lists) is one line."""
+    kind = table.schema.field(name).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise InputError(f"{where}: column {name!r} has type {kind}; expected strings")
+    return table.column(name).to_pylist()
+
+
 def read_parquet(path: Path, columns=None) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns)

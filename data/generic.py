@@ -18,6 +18,7 @@ from xlmr_mini.data.formats import (
     read_jsonl,
     read_parquet,
     require_values,
+    string_column,
 )
 from xlmr_mini.data.task import TaskData
 from xlmr_mini.errors import InputError
@@ -83,8 +84,8 @@ def _generic_rows(path: Path, columns: dict[str, str], split: str | None) -> Row
             splits.append(SPLIT_ALIASES[value])
     else:
         splits = [split] * table.num_rows
-    texts = table.column(columns["text"]).cast(pa.string()).to_pylist()
-    langs = table.column(columns["lang"]).cast(pa.string()).to_pylist()
+    texts = string_column(table, columns["text"], str(path))
+    langs = string_column(table, columns["lang"], str(path))
     return Rows(str(path), texts, labels, langs, splits, lines, unit, notes)
 
 

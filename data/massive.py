@@ -19,6 +19,7 @@ from xlmr_mini.data.formats import (
     read_jsonl,
     read_parquet,
     require_values,
+    string_column,
 )
 from xlmr_mini.data.partitions import ENGLISH, MASSIVE_LOCALES, UNSEEN, check_partition
 from xlmr_mini.data.task import TaskData
@@ -68,7 +69,7 @@ def _massive_parquet(path: Path, root: Path) -> Rows:
                 raise InputError(f"{path} row {i + 1}: intent id {value} outside the {len(class_names)} class names")
         intents = [class_names[v] for v in intents]
     if "locale" in names:
-        locales = table.column("locale").to_pylist()
+        locales = string_column(table, "locale", str(path))
     else:
         locale = next((p for p in reversed(path.relative_to(root).parts[:-1]) if LOCALE_RE.match(p)), None) if path != root else None
         if locale is None:
@@ -85,7 +86,7 @@ def _massive_parquet(path: Path, root: Path) -> Rows:
         if split is None:
             raise InputError(f"{path}: no 'partition' column and no train/validation/test in its path")
         splits = [split] * n
-    return Rows(str(path), table.column("utt").to_pylist(), intents, locales, splits, lines, "row")
+    return Rows(str(path), string_column(table, "utt", str(path)), intents, locales, splits, lines, "row")
 
 
 def read_massive(path: str | Path, unseen=None) -> TaskData:

@@ -14,6 +14,7 @@ from xlmr_mini.data.formats import (
     read_bytes,
     read_parquet,
     require_values,
+    string_column,
     text_lines,
 )
 from xlmr_mini.data.partitions import ENGLISH, TSM_LANGUAGES, UNSEEN, check_partition
@@ -74,7 +75,7 @@ def _tsm_parquet(path: Path, root: Path) -> Rows:
     folders = path.relative_to(root).parts[:-1] if path != root else ()
     language = next((p for p in folders if p in TSM_LANGUAGES), None)
     if language is None and "lang" in table.column_names:
-        langs = table.column("lang").to_pylist()
+        langs = string_column(table, "lang", str(path))
     elif language is None:
         raise InputError(f"{path}: no language folder (like english/) in its path and no 'lang' column")
     else:
@@ -83,7 +84,7 @@ def _tsm_parquet(path: Path, root: Path) -> Rows:
     if split is None:
         raise InputError(f"{path}: no train/validation/test in its path")
     labels = [_tsm_label(v, str(path), "row", i) for i, v in enumerate(table.column("label").to_pylist(), start=1)]
-    return Rows(str(path), table.column("text").to_pylist(), labels, langs, [split] * n, lines, "row")
+    return Rows(str(path), string_column(table, "text", str(path)), labels, langs, [split] * n, lines, "row")
 
 
 def read_tsm(path: str | Path, unseen=None) -> TaskData:

@@ -393,7 +393,7 @@ def test_cli_refuses_non_empty_out_and_bad_flags(tmp_path, teacher_dir, capsys):
     for bad, message in [
         (["--out", str(teacher_dir), "--overwrite"], "contains the input --teacher"),
         (["--out", str(tmp_path / "x"), "--layers", "5"], "not whole; give an explicit layer map (--layer-map"),
-        (["--out", str(tmp_path / "x"), "--layer-map", "0,2,x"], "--layer-map '0,2,x': expected comma-separated integers"),
+        (["--out", str(tmp_path / "x"), "--layer-map", "0,2,x"], "--layer-map 0,2,x: expected integers"),
         (["--out", str(tmp_path / "x"), "--layers", "13"], "deeper than its 12-layer teacher"),
     ]:
         with pytest.raises(SystemExit) as e:
@@ -404,7 +404,7 @@ def test_cli_refuses_non_empty_out_and_bad_flags(tmp_path, teacher_dir, capsys):
 
 
 def test_cli_explicit_map_and_from_scratch(tmp_path, teacher_dir, capsys):
-    main(["--teacher", str(teacher_dir), "--layer-map", "0,2,4,7,9,11", "--out", str(tmp_path / "a")])
+    main(["--teacher", str(teacher_dir), "--layer-map", "0", "2", "4", "7", "9", "11", "--out", str(tmp_path / "a")])
     assert "source layers 0,2,4,7,9,11 (0-based) -> 6 layers" in capsys.readouterr().out
     main(["--init", "from-scratch", "--teacher", str(teacher_dir), "--layers", "2", "--labels", "x,y", "--out", str(tmp_path / "b")])
     assert "from-scratch: source layers none (random init)" in capsys.readouterr().out

@@ -155,6 +155,19 @@ def test_epoch_batches_deterministic_resumable_and_bucketed():
     assert sizes.count(16) == len(a) - 1  # one short batch at most
 
 
+def test_plain_random_batches_are_a_shuffle_cut_in_order():
+    """group_by_length=False: transformers' Trainer's batches (a seeded permutation cut in order),
+    every example once, more padding than grouped batches, resumable like them."""
+    enc = make_encoded(np.random.default_rng(0).integers(3, 120, 5000))
+    plain = epoch_batches(enc, 16, seed=3, epoch=4, pad_id=1, group_by_length=False)
+    order = np.concatenate([x["index"].numpy() for x in plain])
+    assert order.tolist() == np.random.default_rng([3, 4]).permutation(5000).tolist()
+    grouped = epoch_batches(enc, 16, seed=3, epoch=4, pad_id=1)
+    assert len(plain) == len(grouped) and torch.equal(plain[100:][0]["index"], plain[100]["index"])
+    padded = {name: sum(x["input_ids"].numel() for x in b) for name, b in (("plain", plain), ("grouped", grouped))}
+    assert padded["plain"] > 1.3 * padded["grouped"]
+
+
 def test_epoch_batches_eval_order():
     enc = make_encoded([5, 2, 9, 3, 7])
     plain = epoch_batches(enc, 2, seed=0, epoch=0, shuffle=False, pad_id=0)

@@ -13,6 +13,8 @@ import importlib.util, sys
 import xlmr_mini.kernels, xlmr_mini.data
 for name in ("kernels", "data"):
     assert importlib.util.find_spec(name) is None, f"top-level {name} is importable"
+from xlmr_mini.__main__ import commands  # `python -m xlmr_mini` finds every command where installed
+assert {"train", "evaluate", "study", "data"} <= set(commands()), commands()
 print(xlmr_mini.kernels.__file__)
 print(xlmr_mini.data.__file__)
 """

@@ -1,6 +1,8 @@
 """`python -m xlmr_mini.train`: end to end on the demo and on real tweets, resume, bad input, compile."""
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +15,11 @@ from xlmr_mini.checkpoint import load_model, save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
 from xlmr_mini.data import build_demo
+from xlmr_mini.errors import InputError
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
 from xlmr_mini.model import XLMRClassifier, init_weights
 from xlmr_mini.demo_models import demo_architecture
-from xlmr_mini.kd_step import compile_forward_loss, forward_loss
+from xlmr_mini.kd_step import compile_forward_loss, forward_loss, train_step
 from xlmr_mini.train import main, train
 from xlmr_mini.train_config import DEMO_LR, TrainConfig
 
@@ -90,7 +93,8 @@ def test_from_teacher_kd_beats_from_scratch_no_kd(demo_teacher, cache, tmp_path)
 
 def test_resume_reaches_the_same_weights(demo_teacher, cache, tmp_path):
     common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "9",
-              "--eval-steps", "4", "--cache-dir", str(cache), "--num-threads", "1", "--hidden", "32"]
+              "--eval-steps", "4", "--cache-dir", str(cache), "--num-threads", "1", "--hidden", "32",
+              "--keep-checkpoint"]
     main(common + ["--out", str(tmp_path / "whole")])
     stopped = main(common + ["--out", str(tmp_path / "split"), "--stop-after", "6"])
     assert stopped == {"stopped_at": 6}
@@ -120,12 +124,19 @@ def test_training_options_run(flags, demo_teacher, cache, tmp_path):
 def test_several_seeds_report_mean_and_spread(demo_teacher, cache, tmp_path, capsys):
     out = tmp_path / "seeds"
     summary = main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "2",
-                    "--seeds", "1", "2", "--out", str(out), "--cache-dir", str(cache), "--num-threads", "1"])
-    assert "mean of 2 seeds" in capsys.readouterr().out
+                    "--seed", "1", "2", "--out", str(out), "--cache-dir", str(cache), "--num-threads", "1"])
+    printed = capsys.readouterr().out
+    assert "mean of 2 seeds" in printed
     runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (1, 2)]
     f1 = [r["final"]["overall"]["macro_f1"] for r in runs]
     assert summary["seeds"] == [1, 2] and summary["final_macro_f1"]["mean"] == pytest.approx(sum(f1) / 2)
     assert json.loads((out / "results.json").read_text())["final_macro_f1"]["n"] == 2
+    # The best seed on dev (the first of equals) is also the run's best/, where one seed's would be.
+    best = max(runs, key=lambda r: r["dev_score"])["seed"]
+    assert summary["best_seed"] == best and f"best on dev: seed {best}" in printed
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (out / "best" / name).read_bytes() == (out / f"seed-{best}" / "best" / name).read_bytes()
+    assert not list(out.glob("**/checkpoint"))
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(demo_teacher, cache, tmp_path, monkeypatch, capsys):
@@ -146,6 +157,29 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(demo_teacher, cache, tmp_path,
     err = capsys.readouterr().err
     assert e.value.code == 1 and "step 5" in err and "nan" in err and "checkpoint" in err
     assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 3
+
+
+def test_deterministic_flag_holds_during_the_run_only(demo_teacher, cache, tmp_path, monkeypatch):
+    """--deterministic: PyTorch's deterministic algorithms and the cuBLAS workspace setting during
+    every step, both as before afterwards; on CPU the numbers are those of a run without it."""
+    import xlmr_mini.train as train_module
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return train_step(*args, **kwargs)
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(train_module, "train_step", recording)
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "3",
+              "--cache-dir", str(cache), "--num-threads", "1"]
+    main(common + ["--out", str(tmp_path / "plain")])
+    main(common + ["--out", str(tmp_path / "det"), "--deterministic"])
+    assert seen == [(False, None)] * 3 + [(True, ":4096:8")] * 3
+    assert not torch.are_deterministic_algorithms_enabled()
+    losses = [[r["loss"] for r in _records(tmp_path / run) if r["type"] == "train"] for run in ("plain", "det")]
+    assert losses[0] == losses[1]
 
 
 @pytest.mark.parametrize("case", ["unknown-init", "no-teacher", "labels", "different-run"])
@@ -244,7 +278,7 @@ SEEN_DEMO = {"alpha", "beta", "gamma", "delta"}
 def test_zero_shot_selects_on_training_languages_only(select_on, demo_teacher, cache, tmp_path, capsys):
     out = tmp_path / select_on
     result = main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "6",
-                   "--eval-steps", "3", "--train-langs", "seen", "--select-on", select_on, "--out", str(out),
+                   "--eval-steps", "3", "--langs", "seen", "--select-on", select_on, "--out", str(out),
                    "--cache-dir", str(cache), "--num-threads", "1"])
     evals = [r for r in _records(out) if r["type"] == "eval" and not r.get("final")]
     chosen = SEEN_DEMO if select_on == "train-langs" else SEEN_DEMO | {"epsilon", "zeta"}
@@ -294,20 +328,71 @@ def test_no_test_split_says_dev_is_reported(demo_teacher, cache, tmp_path, capsy
 def test_paper_preset_fills_what_is_not_given():
     from xlmr_mini.train_config import parse_config
 
-    cfg = parse_config(["--preset", "paper", "--data", "tsm:x", "--train-langs", "seen"])
+    cfg = parse_config(["--preset", "paper", "--data", "tsm:x", "--langs", "seen"])
     assert (cfg.batch_size, cfg.epochs, cfg.seeds, cfg.eval_steps) == (8, 30, (1, 2, 3), 250)
-    assert parse_config(["--preset", "paper", "--data", "massive:x", "--train-langs", "english"]).eval_steps == 100
+    # The paper trained in fp32 on plain random batches, evaluating only every --eval-steps.
+    assert (cfg.precision, cfg.group_by_length, cfg.eval_last_step) == ("fp32", False, False)
+    assert parse_config(["--preset", "paper", "--data", "massive:x", "--langs", "english"]).eval_steps == 100
     assert parse_config(["--preset", "paper", "--data", "tsm:x"]).eval_steps == 500
-    assert parse_config(["--preset", "paper", "--data", "massive:x", "--train-langs", "seen"]).eval_steps == 5000
-    assert parse_config(["--preset", "paper", "--data", "tsm:x", "--train-langs", "english"]).eval_steps == 60
-    explicit = parse_config(["--preset", "paper", "--data", "tsm:x", "--batch-size", "32", "--seeds", "7"])
+    assert parse_config(["--preset", "paper", "--data", "massive:x", "--langs", "seen"]).eval_steps == 5000
+    assert parse_config(["--preset", "paper", "--data", "tsm:x", "--langs", "english"]).eval_steps == 60
+    # Keyed on the paper's section: Table 3's English-trained students are §3.3 (250 / 5000, not 60 / 100).
+    for data, steps in (("tsm:x", 250), ("massive:x", 5000)):
+        assert parse_config(["--preset", "paper-3.3", "--data", data, "--langs", "english"]).eval_steps == steps
+    assert parse_config(["--preset", "paper-3.4", "--data", "tsm:x", "--langs", "english"]).eval_steps == 60
+    explicit = parse_config(["--preset", "paper", "--data", "tsm:x", "--batch-size", "32", "--seed", "7",
+                             "--precision", "auto", "--group-by-length"])
     assert explicit.batch_size == 32 and explicit.seeds == (7,) and explicit.epochs == 30
+    assert explicit.precision == "auto" and explicit.group_by_length is True
     # Not a preset: our defaults; and the preset is no part of a run's identity.
     plain = parse_config(["--data", "tsm:x"])
     assert (plain.batch_size, plain.seeds, plain.eval_steps, plain.epochs) == (32, (42,), None, None)
-    same = parse_config(["--data", "tsm:x", "--batch-size", "8", "--epochs", "30", "--seeds", "1", "2", "3",
-                         "--eval-steps", "500"])
+    assert (plain.precision, plain.group_by_length, plain.eval_last_step) == ("auto", True, True)
+    same = parse_config(["--data", "tsm:x", "--batch-size", "8", "--epochs", "30", "--seed", "1", "2", "3",
+                         "--eval-steps", "500", "--precision", "fp32", "--no-group-by-length", "--no-eval-last-step"])
     assert parse_config(["--preset", "paper", "--data", "tsm:x"]).identity() == same.identity()
+
+
+def _eval_steps(out: Path) -> list[int]:
+    return [r["step"] for r in _records(out) if r["type"] == "eval" and not r.get("final")]
+
+
+def test_no_eval_last_step_evaluates_only_on_the_grid(demo_teacher, cache, tmp_path):
+    """As the paper's Trainer: no evaluation at a last step off the --eval-steps grid, unless the
+    run had none at all (there must be a best model)."""
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--eval-steps", "2",
+              "--cache-dir", str(cache), "--num-threads", "1", "--no-eval-last-step"]
+    result = main(common + ["--max-steps", "5", "--out", str(tmp_path / "grid")])
+    assert _eval_steps(tmp_path / "grid") == [2, 4] and result["best_step"] in (2, 4) and result["steps"] == 5
+    main(common + ["--max-steps", "1", "--out", str(tmp_path / "short")])
+    assert _eval_steps(tmp_path / "short") == [1]
+
+
+def test_resolved_precision_is_part_of_the_run(demo_teacher, cache, tmp_path, monkeypatch, capsys):
+    """--precision auto is stored as what it resolved to: the same command on hardware where auto
+    means bf16 is another run, not a resume of the fp32 one."""
+    out = tmp_path / "o"
+    argv = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "2",
+            "--cache-dir", str(cache), "--num-threads", "1", "--out", str(out)]
+    result = main(argv + ["--stop-after", "1"])
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    assert identity["precision"] == "fp32" and "stopped_at" in result  # the demo's 64-wide models: fp32
+    monkeypatch.setattr("xlmr_mini.run_setup.resolve_precision", lambda *a, **k: "bf16")  # a bf16 GPU
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "precision: 'fp32' there, 'bf16' now" in err, err
+
+
+def test_dropout_overrides_reach_the_saved_model(demo_teacher, cache, tmp_path):
+    main(["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "1",
+          "--dropout", "0", "--attention-dropout", "0.05", "--cache-dir", str(cache), "--num-threads", "1",
+          "--out", str(tmp_path / "o")])
+    saved = XLMRConfig.from_hf(tmp_path / "o" / "best")
+    assert XLMRConfig.from_hf(demo_teacher).hidden_dropout_prob == 0.1
+    assert (saved.hidden_dropout_prob, saved.attention_probs_dropout_prob, saved.classifier_dropout) == (0.0, 0.05, None)
+    with pytest.raises(InputError, match="--dropout 1.5"):
+        TrainConfig(dropout=1.5)
 
 
 def test_from_scratch_kd_learns_with_the_default_attention_target(demo_teacher, cache, tmp_path):
@@ -390,3 +475,123 @@ def test_trimmed_vocabulary_run_equals_the_full_one(weight_decay, demo_teacher, 
         scale = math.prod(1.0 - lr * weight_decay for lr in used[: trimmed["best_step"]])
         shrunk = torch.isclose(rows, start * scale, rtol=1e-6, atol=0).all(dim=1) & (rows != start).any(dim=1)
         assert scale < 0.999 and int(shrunk.sum()) >= vocab - trimmed["trained_vocab"]
+
+
+def _step_context(loss_norm: str):
+    """A 2-layer teacher and a 1-layer, narrower student without dropout (so that a batch run in
+    parts draws nothing differently), with projection, AdamW and the schedule."""
+    from xlmr_mini.checkpoint import build_model
+    from xlmr_mini.copy_weights import StudentSpec, layer_map, student_config
+    from xlmr_mini.kd_step import StepContext, linear_schedule, make_optimizer
+
+    tcfg = XLMRConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                      max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      id2label=("a", "b", "c"))
+    teacher = build_model(tcfg, scratch_state_dict(tcfg, 0)).eval().requires_grad_(False)
+    scfg = student_config(tcfg, StudentSpec(layers=1, hidden=16))
+    student = build_model(scfg, scratch_state_dict(scfg, 1)).train()
+    torch.manual_seed(2)
+    proj = HiddenProjection(16, 32)
+    params = list(student.parameters()) + list(proj.parameters())
+    optimizer = make_optimizer(params, 1e-3, 0.01)
+    return StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=KDLossConfig(loss_norm=loss_norm),
+                       layer_map=layer_map(2, 1), optimizer=optimizer, scheduler=linear_schedule(optimizer, 10),
+                       params=params)
+
+
+@pytest.mark.parametrize("loss_norm", ["masked", "tinybert"])
+def test_grad_accum_equals_the_large_batch(loss_norm):
+    """--grad-accum: the batch in 3 passes gives the one-pass step's loss, terms and weights, up to
+    float rounding, over several steps (clipping and AdamW included)."""
+    from xlmr_mini.kd_step import train_step
+
+    whole, parts = _step_context(loss_norm), _step_context(loss_norm)
+    for step in range(3):
+        ids, mask = padded_batch(50, [9, 3, 7, 1 + step, 5, 8, 2], seed=step)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1, 0, 2, 1])}
+        a, b = train_step(whole, batch, "cpu"), train_step(parts, batch, "cpu", accum=3)
+        for key in ("loss", "att", "hid", "embd", "pred", "clf"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    for (name, x), y in zip(whole.student.state_dict().items(), parts.student.state_dict().values()):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(parts.proj.fit_dense.weight, whole.proj.fit_dense.weight, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(whole.proj.fit_dense.weight, _step_context(loss_norm).proj.fit_dense.weight)  # it trained
+
+
+def test_logging_steps_write_means_and_resume(demo_teacher, cache, tmp_path):
+    """--logging-steps 3: one record per 3 steps (and the last), the mean of those steps' per-step
+    records; a run stopped inside a window resumes it."""
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "7",
+              "--eval-steps", "4", "--cache-dir", str(cache), "--num-threads", "1"]
+    main(common + ["--out", str(tmp_path / "every")])
+    main(common + ["--out", str(tmp_path / "three"), "--logging-steps", "3", "--stop-after", "4"])
+    main(common + ["--out", str(tmp_path / "three"), "--logging-steps", "3", "--resume"])
+    every = [r for r in _records(tmp_path / "every") if r["type"] == "train"]
+    three = [r for r in _records(tmp_path / "three") if r["type"] == "train"]
+    assert [r["step"] for r in three] == [3, 6, 7] and [r["logged_steps"] for r in three] == [3, 3, 1]
+    for record, window in zip(three, (every[0:3], every[3:6], every[6:7])):
+        for key in ("loss", "att", "clf"):
+            assert record[key] == pytest.approx(np.mean([r[key] for r in window]), rel=1e-9), key
+        assert record["share"]["clf"] == pytest.approx(np.mean([r["share"]["clf"] for r in window]), rel=1e-9)
+        assert record["lr"] == window[-1]["lr"]
+    evals = lambda out: [r["step"] for r in _records(out) if r["type"] == "eval"]  # noqa: E731
+    assert evals(tmp_path / "three") == evals(tmp_path / "every")
+
+
+def test_checkpoints_follow_save_steps_and_a_finished_run_removes_its_own(demo_teacher, cache, tmp_path, monkeypatch,
+                                                                          capsys):
+    """--save-steps apart from --eval-steps; the checkpoint goes when the run is done, unless
+    --keep-checkpoint; the dev scores of each evaluation are printed."""
+    import xlmr_mini.train as train_module
+
+    saved = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint",
+                        lambda path, ctx, progress, rng=None: (saved.append(progress["step"]),
+                                                               real_save(path, ctx, progress, rng)))
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "7",
+              "--eval-steps", "5", "--cache-dir", str(cache), "--num-threads", "1"]
+    main(common + ["--out", str(tmp_path / "a"), "--save-steps", "2"])
+    assert saved == [2, 4, 6]  # none at the end: the finished run removes it anyway
+    assert (tmp_path / "a" / "results.json").is_file() and (tmp_path / "a" / "best" / "model.safetensors").is_file()
+    assert not [p.name for p in (tmp_path / "a").iterdir() if "checkpoint" in p.name]
+    err = capsys.readouterr().err
+    assert "seed 42: step 5/7: dev micro-F1" in err and "seed 42: step 7/7: dev micro-F1" in err, err
+    saved.clear()
+    main(common + ["--out", str(tmp_path / "b"), "--keep-checkpoint"])
+    assert saved == [5, 7]
+    assert json.loads((tmp_path / "b" / "checkpoint" / "progress.json").read_text())["step"] == 7
+
+
+def test_report_to_tensorboard_writes_events(demo_teacher, cache, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "4",
+              "--eval-steps", "2", "--cache-dir", str(cache), "--num-threads", "1", "--report-to", "tensorboard"]
+    main(common + ["--out", str(tmp_path / "o")])
+    events = EventAccumulator(str(tmp_path / "o" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("dev/micro_f1")] == [2, 4]
+    first = [r for r in _records(tmp_path / "o") if r["type"] == "train"][0]
+    assert events.Scalars("train/loss")[0].value == pytest.approx(first["loss"], rel=1e-6)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as without the extra
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--report-to tensorboard: the tensorboard package is not installed" in err
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad-accum", "40", "--batch-size", "32"], "--grad-accum 40: more passes than the 32 examples"),
+    (["--grad-accum", "2", "--kd-impl", "fused"], "--grad-accum: --kd-impl fused normalises by each pass"),
+    (["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
+    (["--logging-steps", "0"], "--logging-steps 0: must be at least 1"),
+])
+def test_impossible_trainer_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "o")] + flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

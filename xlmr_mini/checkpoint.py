@@ -18,6 +18,7 @@ from xlmr_mini.config import XLMRConfig
 from xlmr_mini.errors import InputError
 from xlmr_mini.files import atomic_write
 from xlmr_mini.model import XLMRClassifier, init_weights
+from xlmr_mini.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ def expected_shapes(cfg: XLMRConfig) -> dict[str, tuple[int, ...]]:
 
 def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
                     source: str) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Canonical keys, each known and of the shape the config implies; other models' heads
-    (LM head, pooler) are dropped and their names returned. Unknown keys and wrong shapes raise."""
+    """Canonical keys, each known, of the shape the config implies and finite; other models' heads
+    (LM head, pooler) are dropped and their names returned. Unknown keys, wrong shapes and NaN or
+    infinite weights raise."""
     kept, ignored = {}, set()
     for key, tensor in tensors.items():
         key = canonical_key(key)
@@ -97,6 +99,10 @@ def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[in
             raise InputError(f"{source}: unexpected tensor {key!r} (not part of an XLM-R classifier)")
         elif tuple(tensor.shape) != shapes[key]:
             raise InputError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {shapes[key]}")
+        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InputError(f"{source}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                             f"the model is damaged (saved from a diverged run?)")
         else:
             kept[key] = tensor
     return kept, ignored
@@ -191,12 +197,14 @@ def hf_state_dict(model: XLMRClassifier) -> dict[str, torch.Tensor]:
 
 
 def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor],
-            tokenizer_file: str | Path | None = None) -> Path:
-    """Write an HF directory (config.json, model.safetensors, tokenizer.json if given).
+            tokenizer_file: str | Path | dict | None = None) -> Path:
+    """Write an HF directory (config.json, model.safetensors; with a tokenizer, a file or a
+    tokenizer.json dict, also tokenizer.json and tokenizer_config.json, see `save_tokenizer`).
 
     Each file is written to a temporary name in the directory and renamed into place, so a crash
     leaves either the old file or the new one. Loadable by transformers'
-    `AutoModelForSequenceClassification.from_pretrained` with no missing or unexpected keys.
+    `AutoModelForSequenceClassification.from_pretrained` with no missing or unexpected keys, and
+    by `AutoTokenizer` with `model_max_length` = the model's positions (less XLM-R's offset of 2).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -206,12 +214,30 @@ def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor]
     atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(path / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer_file is not None:
-        atomic_write(path / "tokenizer.json", Path(tokenizer_file).read_bytes())
+        save_tokenizer(path, tokenizer_file, cfg.max_tokens)
     return path
 
 
 def save_model(path: str | Path, model: XLMRClassifier, tokenizer_file: str | Path | None = None) -> Path:
     return save_hf(path, model.cfg, hf_state_dict(model), tokenizer_file)
+
+
+def check_model_dir(path: str | Path, flag: str) -> Path:
+    """`path` as a model directory given by `flag`, or one line saying why it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{flag} {path}: no such directory")
+    if not path.is_dir():
+        raise InputError(f"{flag} {path}: not a directory (give the model's directory, which holds config.json "
+                         f"and the weights)")
+    return path
+
+
+def check_tokenizer(tokenizer_size: int, tokenizer_file: str | Path, cfg: XLMRConfig, model: str) -> None:
+    """A model reads the ids of its own tokenizer: one word-embedding row per piece."""
+    if tokenizer_size != cfg.vocab_size:
+        raise InputError(f"{tokenizer_file}: {tokenizer_size} pieces, but {model} has {cfg.vocab_size} "
+                         f"word-embedding rows; a model needs its own tokenizer")
 
 
 def find_tokenizer(path: str | Path) -> Path | None:

@@ -1,6 +1,7 @@
 """XLM-R architecture config: a frozen dataclass of sizes, read from and written to HF config.json."""
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from xlmr_mini.errors import InputError
@@ -43,6 +44,10 @@ class XLMRConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "XLMRConfig":
+        """The config a config.json dict describes, each used key checked for its type and range."""
+        if not isinstance(d, dict):
+            got = "null" if d is None else type(d).__name__
+            raise InputError(f"{source}: expected a JSON object of model settings, got {got}")
         if d.get("model_type") not in XLMR_MODEL_TYPES:
             raise InputError(f"{source}: model_type {d.get('model_type')!r} is not XLM-R ('xlm-roberta')")
         act = d.get("hidden_act", "gelu")
@@ -51,13 +56,19 @@ class XLMRConfig:
         pos = d.get("position_embedding_type", "absolute")
         if pos != "absolute":
             raise InputError(f"{source}: position_embedding_type {pos!r} is not supported (only 'absolute')")
-        if "id2label" in d:
-            id2label = d["id2label"]
-            id2label = tuple(id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label)))
-        else:
-            id2label = tuple(f"LABEL_{i}" for i in range(d.get("num_labels", 2)))
         fields = {f.name for f in dataclasses.fields(cls)} - {"id2label"}
-        return cls(id2label=id2label, **{k: v for k, v in d.items() if k in fields and (v is not None or k == "classifier_dropout")})
+        values = {k: v for k, v in d.items() if k in fields and (v is not None or k == "classifier_dropout")}
+        for key, value in values.items():
+            _check_value(key, value, source)
+        id2label = _id2label(d, source)
+        try:
+            cfg = cls(id2label=id2label, **values)
+        except InputError as e:
+            raise InputError(f"{source}: {e}") from None
+        if not cfg.pad_token_id + 1 < cfg.max_position_embeddings:
+            raise InputError(f"{source}: max_position_embeddings {cfg.max_position_embeddings} leaves no position "
+                             f"after pad_token_id {cfg.pad_token_id} (positions start at pad_token_id + 1)")
+        return cfg
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "XLMRConfig":
@@ -88,3 +99,67 @@ class XLMRConfig:
 
     def replace(self, **changes) -> "XLMRConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input, <s> and </s> included, that the position table holds."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+
+def check_max_length(max_length: int, cfg: XLMRConfig | None = None) -> None:
+    """`--max-length` holds <s>, a piece and </s>, and (given the model's config) fits its positions."""
+    if max_length < 3:
+        raise InputError(f"--max-length {max_length}: must be at least 3 (<s>, one piece, </s>)")
+    if cfg is not None and max_length > cfg.max_tokens:
+        raise InputError(f"--max-length {max_length}: the model has positions for at most {cfg.max_tokens} tokens")
+
+
+# config.json key -> (what it must be, its check): sizes are positive integers, token ids
+# non-negative integers, probabilities in [0, 1), the rest positive numbers.
+_COUNTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+           "max_position_embeddings", "type_vocab_size")
+_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+
+
+def _check_value(key: str, value, source: str) -> None:
+    if key in _COUNTS + _IDS:
+        wanted, ok = ("a positive integer" if key in _COUNTS else "a non-negative integer"), \
+            type(value) is int and value >= (1 if key in _COUNTS else 0)
+    elif key in _PROBABILITIES:
+        wanted, ok = "a number in [0, 1)", (value is None and key == "classifier_dropout") or (
+            _is_number(value) and 0 <= value < 1)
+    else:  # layer_norm_eps, initializer_range
+        wanted, ok = "a positive number", _is_number(value) and value > 0
+    if not ok:
+        raise InputError(f"{source}: {key} is {json.dumps(value, default=str)}; expected {wanted}")
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _id2label(d: dict, source: str) -> tuple[str, ...]:
+    """Label names in id order from `id2label` (keys 0..n-1, as JSON strings or ints), else
+    `num_labels` generic names."""
+    if "id2label" not in d:
+        n = d.get("num_labels", 2)
+        if type(n) is not int or n < 1:
+            raise InputError(f"{source}: num_labels is {json.dumps(n)}; expected a positive integer")
+        return tuple(f"LABEL_{i}" for i in range(n))
+    id2label = d["id2label"]
+    if not isinstance(id2label, dict) or not id2label:
+        raise InputError(f"{source}: id2label is {json.dumps(id2label)}; expected an object of label names by id")
+    names = {str(k): v for k, v in id2label.items()}
+    missing = [i for i in range(len(names)) if str(i) not in names]
+    if missing:
+        raise InputError(f"{source}: id2label has no label for id {missing[0]} (ids must run from 0 to "
+                         f"{len(names) - 1}; it has {', '.join(sorted(names, key=_id_order))})")
+    bad = next((v for v in names.values() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise InputError(f"{source}: id2label holds {json.dumps(bad)}; expected label names (strings)")
+    return tuple(names[str(i)] for i in range(len(names)))
+
+
+def _id_order(key: str):
+    return (0, int(key)) if key.isdigit() else (1, key)

@@ -67,7 +67,7 @@ from xlmr_mini.checkpoint import (
     save_hf,
 )
 from xlmr_mini.config import XLMRConfig
-from xlmr_mini.errors import InputError, cli_main
+from xlmr_mini.errors import InputError, IntList, cli_main
 from xlmr_mini.files import check_apart
 from xlmr_mini.model import XLMRClassifier, init_weights
 
@@ -345,13 +345,6 @@ def _fmt(items, limit: int = 12) -> str:
     return shown + (f",... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise InputError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,2,4,7,9,11") from None
-
-
 def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
@@ -370,9 +363,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=INITS, default="from-teacher", help="where the weights come from (default: from-teacher)")
     p.add_argument("--teacher", type=Path, help="fine-tuned teacher directory (from-teacher; sizes and labels otherwise)")
     p.add_argument("--base", type=Path, help="pretrained base directory, e.g. xlm-roberta-base (from-base)")
-    p.add_argument("--out", type=Path, required=True, help="output directory for the student")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory: the student's config.json and model.safetensors, and the source's tokenizer.json")
     p.add_argument("--layers", type=int, help="student layers (default: the teacher's; must divide them unless --layer-map)")
-    p.add_argument("--layer-map", help="explicit 0-based teacher layers, one per student layer, e.g. 0,2,4,7,9,11")
+    p.add_argument("--layer-map", nargs="+", action=IntList,
+                   help="explicit 0-based teacher layers, one per student layer, space-separated, e.g. 0 2 4 7 9 11")
     p.add_argument("--hidden", type=int, help="student hidden size (default: the teacher's)")
     p.add_argument("--heads", type=int, help="student attention heads (default: the teacher's; the head size shrinks)")
     p.add_argument("--intermediate", type=int, help="student MLP size (default: the teacher's, scaled like --hidden)")
@@ -388,7 +383,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     spec = StudentSpec(
         layers=args.layers, hidden=args.hidden, heads=args.heads, intermediate=args.intermediate,
-        layer_map=_int_list(args.layer_map, "--layer-map") if args.layer_map else None,
+        layer_map=tuple(args.layer_map) if args.layer_map else None,
         id2label=tuple(x.strip() for x in args.labels.split(",")) if args.labels else None,
     )
     sources = [p for p in (args.teacher, args.base) if p is not None]

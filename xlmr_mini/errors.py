@@ -31,3 +31,31 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise InputError(f"{message} (see --help)")
+
+
+class IntList(argparse.Action):
+    """`nargs="+"` integers, space-separated (`--layer-map 0 2 4`); a comma-separated value
+    (`0,2,4`, the old spelling) is read the same."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, [int(x) for value in values for x in str(value).split(",") if x.strip()])
+        except ValueError:
+            raise InputError(f"{option_string} {' '.join(map(str, values))}: expected integers, e.g. "
+                             f"{option_string} 0 2 4") from None
+
+
+def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """Accept `old`, a former spelling of the flag `new`, hidden from --help; using it prints a
+    one-line note. `kwargs` as `new`'s add_argument (dest, type, nargs, action class)."""
+    base = kwargs.pop("action", None)
+
+    class Alias(base or argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"note: {old} is deprecated; use {new}", file=sys.stderr)
+            if base is None:
+                setattr(namespace, self.dest, values)
+            else:
+                super().__call__(parser, namespace, values, option_string)
+
+    parser.add_argument(old, action=Alias, help=argparse.SUPPRESS, **kwargs)

@@ -10,11 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-from xlmr_mini.checkpoint import build_model, find_tokenizer, load_model
+from xlmr_mini.checkpoint import build_model, check_model_dir, check_tokenizer, find_tokenizer, load_model
+from xlmr_mini.config import check_max_length
 from xlmr_mini.copy_weights import INITS, StudentSpec, init_student
 from xlmr_mini.data import default_cache_dir, encode_split, load_task, select_languages
 from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
-from xlmr_mini.files import atomic_write
+from xlmr_mini.files import atomic_write, check_output_dir, check_output_file
 from xlmr_mini.hardware import PRECISIONS, resolve_device, resolve_precision
 from xlmr_mini.inference import evaluate, final_split, label_ids, to_model_labels
 from xlmr_mini.metrics import format_table
@@ -54,7 +55,8 @@ def _model_from_args(args, device) -> tuple[XLMRClassifier, Path | None, str]:
     if (args.model is None) == (args.init is None):
         raise InputError("give exactly one of --model DIR or --init (with --teacher/--base)")
     if args.model is not None:
-        return load_model(args.model, device=device).eval(), find_tokenizer(args.model), str(args.model)
+        return load_model(check_model_dir(args.model, "--model"), device=device).eval(), find_tokenizer(args.model), \
+            str(args.model)
     source = args.teacher if args.teacher is not None else args.base
     if source is None:
         raise InputError("--init: give --teacher DIR (or --base DIR for from-base)")
@@ -67,19 +69,36 @@ def _model_from_args(args, device) -> tuple[XLMRClassifier, Path | None, str]:
     return build_model(cfg, sd, device=device).eval(), tok, f"{args.init} student ({layers} layers, untrained) of {source}"
 
 
+def _check_args(args) -> None:
+    """What the flags alone must satisfy, checked before any work."""
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_max_length(args.max_length)
+    for flag in ("teacher", "base"):
+        if getattr(args, flag) is not None:
+            check_model_dir(getattr(args, flag), f"--{flag}")
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    if args.cache_dir is not None:
+        check_output_dir(args.cache_dir, "--cache-dir")
+
+
 @cli_main
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
+    _check_args(args)
     device = resolve_device(args.device)
     model, tok_file, what = _model_from_args(args, device)
+    check_max_length(args.max_length, model.cfg)
     task = load_task(args.data, cache_dir=args.cache_dir)
     tok_file = tok_file or task.tokenizer_path
     if tok_file is None:
         raise InputError(f"{what}: no tokenizer.json beside the model, and the data brings none")
+    tokenizer = Tokenizer(tok_file)
+    check_tokenizer(tokenizer.vocab_size, tok_file, model.cfg, what)
     split_name, note = final_split(task, args.split)
     split = select_languages(task.splits[split_name], args.langs, task)
     split = to_model_labels(split, label_ids(task.labels, model.cfg.id2label, what))
-    tokenizer = Tokenizer(tok_file)
     enc = encode_split(split, tokenizer, args.max_length, cache_dir=args.cache_dir)
     precision = resolve_precision("bf16" if args.bf16 else args.precision, device, model.cfg.hidden_size,
                                   args.cache_dir or default_cache_dir())

@@ -11,7 +11,6 @@ from xlmr_mini.inference import evaluate
 from xlmr_mini.metrics import METRIC_LABEL, format_table, mean_over_seeds, metric_key, summarize_seeds
 from xlmr_mini.run_dir import write_json
 from xlmr_mini.run_setup import Setup
-from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import TrainConfig
 
 
@@ -24,7 +23,7 @@ def selection(cfg: TrainConfig, setup: Setup) -> dict:
 def finish_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, prog, wall_s: float,
                 precision: str) -> dict:
     best = load_model(out / "best", device=device)
-    final_split, unk_id = setup.splits["final"], Tokenizer(setup.tokenizer_file).unk_id
+    final_split, unk_id = setup.splits["final"], setup.tokenizer.unk_id
     if setup.vocab is not None and best.cfg.vocab_size != setup.vocab.size:  # saved with the full vocabulary
         final_split = setup.vocab.to_full(final_split)
     elif setup.vocab is not None and unk_id is not None:
@@ -70,10 +69,15 @@ def _split_label(setup: Setup) -> str:
                                           if setup.final_name == "dev" else "")
 
 
+def best_seed(runs: list[dict]) -> int:
+    """The seed with the best dev score (the first of equals): its model is the run's best/."""
+    return max(runs, key=lambda r: r["dev_score"])["seed"]
+
+
 def _summarize(cfg: TrainConfig, setup: Setup, out: Path, runs: list[dict]) -> dict:
     """Mean over seeds of every score, spread of the overall ones; written to out/results.json."""
     summary = {
-        "seeds": [r["seed"] for r in runs], **selection(cfg, setup),
+        "seeds": [r["seed"] for r in runs], "best_seed": best_seed(runs), **selection(cfg, setup),
         "dev_score": summarize_seeds([r["dev_score"] for r in runs]),
         "final_micro_f1": summarize_seeds([r["final"]["overall"]["micro_f1"] for r in runs]),
         "final_macro_f1": summarize_seeds([r["final"]["overall"]["macro_f1"] for r in runs]),
@@ -100,7 +104,7 @@ def _summary_line(cfg: TrainConfig, setup: Setup, out: Path, runs: list[dict], r
             f"+- {100 * s['final_micro_f1']['std']:.2f}, macro-F1 {100 * s['final_macro_f1']['mean']:.2f}% "
             f"+- {100 * s['final_macro_f1']['std']:.2f}{_unseen(s['final'])}; best {metric} on {on} "
             f"{100 * s['dev_score']['mean']:.2f}% +- {100 * s['dev_score']['std']:.2f}; {'/'.join(s['precision'])}; "
-            f"wrote {out}")
+            f"best on dev: seed {s['best_seed']}, its model in {out / 'best'}; wrote {out}")
 
 
 def _unseen(scores: dict) -> str:

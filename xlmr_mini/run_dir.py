@@ -2,12 +2,13 @@
 
     out/run.json         the run's identity (`run_identity`: settings and input content), compared
                          with every later command on this --out
-    out/metrics.jsonl    one record per training step and per evaluation
+    out/metrics.jsonl    one record per --logging-steps training steps (their means) and per evaluation
     out/results.json     final numbers and the full configuration
     out/best/            the best model on dev, an HF directory
     out/checkpoint/      model, projection, optimizer, scheduler, RNG (every rank's) and step (for
                          --resume); the data order is a function of (seed, epoch), so the step is
-                         the data position
+                         the data position. A finished run removes it unless --keep-checkpoint.
+    out/tensorboard/     the same records as TensorBoard events (--report-to tensorboard)
 
 Every write is atomic: a crash leaves the previous file or checkpoint, never half of one. A
 process writing a run holds `.<out name>.lock` beside it; with --overwrite the new run is written
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from xlmr_mini.checkpoint import hf_state_dict, save_hf
 from xlmr_mini.errors import InputError
-from xlmr_mini.files import atomic_write
+from xlmr_mini.files import atomic_write, disk_space, readable, reports_full_disk
 from xlmr_mini.kd_step import StepContext
 from xlmr_mini.run_identity import differences
 from xlmr_mini.train_config import TrainConfig
@@ -40,24 +41,52 @@ def write_json(path: Path, obj) -> None:
 
 class MetricsLog:
     """Append-only JSONL, one record per line, flushed as written; with no path (a rank other than
-    0 under torchrun) it writes nothing."""
+    0 under torchrun) it writes nothing. `board`: a `TensorBoardLog` that gets every record too."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, board: "TensorBoardLog | None" = None):
         self.file = open(path, "a", encoding="utf-8") if path is not None else None
+        self.board = board
 
     def write(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with disk_space(self.file.name):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+        if self.board is not None:
+            self.board.write(record)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.board is not None:
+            self.board.writer.close()
 
 
-def metrics_writer(path: Path, keep_through: int) -> MetricsLog:
+class TensorBoardLog:
+    """metrics.jsonl's records as TensorBoard scalars: train/<term> (loss, its terms, lr, samples/s)
+    and <split>/micro_f1, <split>/macro_f1 per evaluation. A resumed run purges the events after
+    its checkpoint's step, as metrics.jsonl drops those records."""
+
+    def __init__(self, path: Path, purge_step: int):
+        from torch.utils.tensorboard import SummaryWriter  # the [tensorboard] extra
+
+        self.writer = SummaryWriter(str(path), purge_step=purge_step or None)
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        if record["type"] == "train":
+            for key in ("loss", "lr", "samples_per_s", *record.get("share", {})):
+                self.writer.add_scalar(f"train/{key}", record[key], step)
+        else:
+            for key in ("micro_f1", "macro_f1"):
+                self.writer.add_scalar(f"{record['split']}/{key}", record["overall"][key], step)
+        self.writer.flush()
+
+
+def metrics_writer(path: Path, keep_through: int, tensorboard: bool = False) -> MetricsLog:
     """Open metrics.jsonl for appending, first dropping records after step `keep_through` (written
-    after the checkpoint a resumed run starts from, so they will be written again)."""
+    after the checkpoint a resumed run starts from, so they will be written again); with
+    `tensorboard`, also <run>/tensorboard/."""
     kept = []
     if path.is_file() and keep_through > 0:
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -68,22 +97,30 @@ def metrics_writer(path: Path, keep_through: int) -> MetricsLog:
             if record.get("step", 0) <= keep_through and not record.get("final"):
                 kept.append(line)
     atomic_write(path, "".join(x + "\n" for x in kept))
-    return MetricsLog(path)
+    return MetricsLog(path, TensorBoardLog(path.parent / "tensorboard", keep_through) if tensorboard else None)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The CPU generator's state, and the generator of `device` when it is a GPU: that device's
+    alone, so a run resumes with another number of visible GPUs (torchrun on 8, resumed on 1)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def save_checkpoint(path: Path, ctx: StepContext, progress: dict, rng: list[dict] | None = None) -> None:
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@reports_full_disk
+def save_checkpoint(path: Path, ctx: StepContext, progress: dict, rng: list[dict]) -> None:
     """Write the training state into a fresh directory, then swap it in with renames: a crash
     leaves the previous checkpoint (or, between the two renames, `.checkpoint.old`, which
-    `load_checkpoint` also accepts). `rng`: every rank's `rng_state()` (default: this process's)."""
-    rng = rng or [rng_state()]
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    `load_checkpoint` also accepts). `rng`: every rank's `rng_state`."""
+    tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {f"student.{k}": v.detach().contiguous().cpu() for k, v in ctx.student.state_dict().items()}
@@ -95,6 +132,12 @@ def save_checkpoint(path: Path, ctx: StepContext, progress: dict, rng: list[dict
     torch.save({"optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(), "rng": rng[0],
                 "rank_rng": rng}, tmp / "training_state.pt")
     write_json(tmp / "progress.json", progress)  # written last: its presence marks a complete checkpoint
+    _swap_in(tmp, path)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace the directory `path` by `tmp` with renames, the old one moved to `.NAME.old` first."""
+    old = path.with_name(f".{path.name}.old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -111,22 +154,25 @@ def load_checkpoint(path: Path, ctx: StepContext, device, rank: int = 0, world_s
         if not (old / "progress.json").is_file():
             raise InputError(f"--resume: {path} is not a complete checkpoint")
         path = old
-    tensors = load_file(str(path / "model.safetensors"), device=str(device))
+    advice = "pass --overwrite to start the run over (or restore the file)"
+    with readable(path / "model.safetensors", advice):
+        tensors = load_file(str(path / "model.safetensors"), device=str(device))
     kept = tensors.pop("vocab.kept", None)
     if (kept is None) != (ctx.vocab is None) or (kept is not None and not np.array_equal(kept.cpu().numpy(), ctx.vocab.kept)):
         raise InputError(f"--resume: {path} was trained on another vocabulary (the data, tokenizer or --no-trim changed)")
-    ctx.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
-    if ctx.proj is not None:
-        ctx.proj.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    ctx.optimizer.load_state_dict(state["optimizer"])
-    ctx.scheduler.load_state_dict(state["scheduler"])
-    ranks = state.get("rank_rng", [])
-    rng = ranks[rank] if len(ranks) == world_size else state["rng"]
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "progress.json").read_text(encoding="utf-8"))
+    with readable(path / "model.safetensors", advice):
+        ctx.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
+        if ctx.proj is not None:
+            ctx.proj.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
+    with readable(path / "training_state.pt", advice):
+        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        ctx.optimizer.load_state_dict(state["optimizer"])
+        ctx.scheduler.load_state_dict(state["scheduler"])
+        ranks = state.get("rank_rng", [])
+        rng = ranks[rank] if len(ranks) == world_size else state["rng"]
+        restore_rng(rng, torch.device(device))
+    with readable(path / "progress.json", advice):
+        return json.loads((path / "progress.json").read_text(encoding="utf-8"))
 
 
 def save_best(path: Path, ctx: StepContext, tokenizer_file: Path, save_vocab: str, untouched_scale: float) -> None:
@@ -139,12 +185,33 @@ def save_best(path: Path, ctx: StepContext, tokenizer_file: Path, save_vocab: st
     elif save_vocab == "full":
         save_hf(path, full_config(cfg, ctx.vocab), expand_state_dict(state, ctx.vocab, untouched_scale), tokenizer_file)
     else:
-        tokenizer = trim_tokenizer(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")), ctx.vocab)
-        save_hf(path, cfg, state)
-        atomic_write(path / "tokenizer.json", json.dumps(tokenizer, ensure_ascii=False))
+        save_hf(path, cfg, state, trim_tokenizer(json.loads(Path(tokenizer_file).read_text(encoding="utf-8")), ctx.vocab))
 
 
-RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "best", "checkpoint", ".checkpoint.tmp", ".checkpoint.old")
+def remove_checkpoint(path: Path) -> None:
+    """Remove a finished run's checkpoint (and a crash's leftovers of one)."""
+    for entry in (path, path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def publish_best(source: Path, path: Path) -> None:
+    """Make `path` a copy of the model directory `source` (hard links where the file system has
+    them: the files are never rewritten in place), swapped in with renames like a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=_link_or_copy)
+    _swap_in(tmp, path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "best", "checkpoint", ".checkpoint.tmp", ".checkpoint.old",
+             ".best.tmp", ".best.old", "tensorboard")
 
 
 def _is_run_file(entry: Path) -> bool:
@@ -209,7 +276,9 @@ def claim_out(cfg: TrainConfig, out: Path, identity: dict) -> Claim:
             work = _sibling(out, "overwrite")
             shutil.rmtree(work, ignore_errors=True)
         elif (out / "run.json").is_file():
-            finished = _check_same_run(cfg, out, json.loads((out / "run.json").read_text(encoding="utf-8")), identity)
+            with readable(out / "run.json", "pass --overwrite to start the run over, or choose another --out"):
+                previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
+            finished = _check_same_run(cfg, out, previous, identity)
         elif out.is_dir() and any((out / name).exists() for name in ("checkpoint", "best", "metrics.jsonl", "results.json")):
             raise InputError(f"--out {out}: holds training output without run.json; pass --overwrite to replace it")
         work.mkdir(parents=True, exist_ok=True)

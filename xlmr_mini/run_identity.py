@@ -46,10 +46,12 @@ def settings(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps({k: v for k, v in cfg.identity().items() if k not in INPUTS}))
 
 
-def study_identity(seeds, overrides, teacher_epochs, data: str, base: str) -> dict:
-    """What a study's tables are made with (the data and base fingerprints given)."""
-    return json.loads(json.dumps({"data": data, "base": base, "seeds": list(seeds), "teacher_epochs": teacher_epochs,
-                                  "overrides": {k: v for k, v in overrides if k not in RESULT_NEUTRAL}}))
+def study_identity(study, data: str, base: str) -> dict:
+    """What a study's tables are made with: its settings (`study_plan.StudySettings`) without its
+    paths, and the data's and base's fingerprints."""
+    overrides = {k: v for k, v in study.overrides if k not in RESULT_NEUTRAL}
+    return json.loads(json.dumps({"data": data, "base": base, "seeds": list(study.seeds), "precision": study.precision,
+                                  "teacher_epochs": study.teacher_epochs, "overrides": overrides}))
 
 
 def key(identity: dict) -> str:

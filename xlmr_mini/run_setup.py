@@ -3,6 +3,7 @@ context (`build_context`): data, tokenizer and labels; the student as `--init` s
 `copy_weights.init_student`); the frozen teacher for KD; optimizer and schedule.
 """
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,13 +12,14 @@ import numpy as np
 import torch
 
 from xlmr_mini import distributed
-from xlmr_mini.checkpoint import build_model, find_tokenizer, read_hf_state_dict
-from xlmr_mini.config import XLMRConfig
+from xlmr_mini.checkpoint import build_model, check_model_dir, check_tokenizer, find_tokenizer, read_hf_state_dict
+from xlmr_mini.config import XLMRConfig, check_max_length
 from xlmr_mini.copy_weights import INITS, StudentSpec, init_student, layer_map, scratch_state_dict, student_config
 from xlmr_mini.data import (
     EncodedSplit, TaskData, default_cache_dir, encode_split, load_task, select_languages, stratified_subset,
 )
 from xlmr_mini.errors import InputError
+from xlmr_mini.files import check_output_dir
 from xlmr_mini.hardware import resolve_precision
 from xlmr_mini.inference import final_split, label_ids, to_model_labels
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
@@ -33,6 +35,7 @@ from xlmr_mini.vocab import WORD_KEY, VocabTrim, always_kept, kept_ids, trim_con
 class Setup:
     task: TaskData
     tokenizer_file: Path
+    tokenizer: Tokenizer  # loaded once: XLM-R's tokenizer.json takes seconds to read
     teacher_dir: Path | None  # the teacher used for init and/or KD (None: no teacher)
     labels: tuple[str, ...]  # the model's label order
     splits: dict[str, EncodedSplit]  # train, dev (the examples that select the checkpoint), final
@@ -61,20 +64,26 @@ def prepare(cfg: TrainConfig, teacher_dir: Path | None = None, arch: XLMRConfig 
     tok = tok or (find_tokenizer(cfg.base) if cfg.base else None) or task.tokenizer_path
     if tok is None:
         raise InputError("no tokenizer.json found beside --teacher or --base, and the data brings none")
+    tokenizer = Tokenizer(tok)
+    for flag, model in (("--teacher", teacher_dir), ("--base", cfg.base)):
+        if model is not None:
+            check_tokenizer(tokenizer.vocab_size, tok, XLMRConfig.from_hf(model), f"{flag} {model}")
     labels = XLMRConfig.from_hf(teacher_dir).id2label if teacher_dir else task.labels
     where = f"teacher {teacher_dir}" if teacher_dir else "model"
     remap = label_ids(task.labels, labels, where)
     final_name, note = final_split(task)
-    splits = _encode(cfg, task, Tokenizer(tok), remap, final_name)
+    splits = _encode(cfg, task, tokenizer, remap, final_name)
     _check_save_vocab(cfg, Path(tok))
-    vocab = None if cfg.no_trim else task_vocab(splits, Path(tok))
+    vocab = None if cfg.no_trim else task_vocab(splits, tokenizer)
     if vocab is not None:
         splits = {name: vocab.to_task(enc) for name, enc in splits.items()}
-    return Setup(task=task, tokenizer_file=Path(tok), teacher_dir=teacher_dir, labels=labels, splits=splits,
-                 final_name=final_name, final_note=note, arch=arch, vocab=vocab,
-                 select_langs=tuple(sorted(set(splits["dev"].langs))),
-                 epochs=cfg.epochs or (DEMO_EPOCHS if cfg.is_demo else PAPER_EPOCHS),
-                 lr=cfg.lr if cfg.lr is not None else (DEMO_LR if cfg.is_demo else PAPER_LR))
+    setup = Setup(task=task, tokenizer_file=Path(tok), tokenizer=tokenizer, teacher_dir=teacher_dir, labels=labels,
+                  splits=splits, final_name=final_name, final_note=note, arch=arch, vocab=vocab,
+                  select_langs=tuple(sorted(set(splits["dev"].langs))),
+                  epochs=cfg.epochs or (DEMO_EPOCHS if cfg.is_demo else PAPER_EPOCHS),
+                  lr=cfg.lr if cfg.lr is not None else (DEMO_LR if cfg.is_demo else PAPER_LR))
+    check_models(cfg, setup)
+    return setup
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -88,6 +97,16 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise InputError("--base: from-base copies a pretrained base model; give its directory (e.g. xlm-roberta-base)")
     if not 0.0 < cfg.subset <= 1.0:
         raise InputError(f"--subset {cfg.subset}: must be a fraction in (0, 1]")
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--report-to tensorboard: the tensorboard package is not installed; "
+                         "pip install -e \".[tensorboard]\"")
+    for flag, model in (("--teacher", cfg.teacher), ("--base", cfg.base)):
+        if model is not None:
+            check_model_dir(model, flag)
+    if cfg.out is not None:
+        check_output_dir(cfg.out, "--out")
+    if cfg.cache_dir is not None:
+        check_output_dir(cfg.cache_dir, "--cache-dir")
     if cfg.kd_impl == "fused" and not cfg.no_kd and distributed.launched():
         raise InputError("--kd-impl fused: runs on one process only (its kernels normalise by the local batch); "
                          "use --kd-impl reference under torchrun")
@@ -118,13 +137,12 @@ def _check_save_vocab(cfg: TrainConfig, tokenizer_file: Path) -> None:
                          f"can be trimmed")
 
 
-def task_vocab(splits: dict[str, EncodedSplit], tokenizer_file: Path) -> VocabTrim:
+def task_vocab(splits: dict[str, EncodedSplit], tokenizer: Tokenizer) -> VocabTrim:
     """The rows training needs: every token of every split the student runs on (train, dev, the
     reported split: a row of a token seen only in evaluation is never trained, but it is looked
     up), and the tokenizer's special tokens. Training on these rows alone is exact (see `vocab`)."""
-    tokenizer = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
-    full_size = Tokenizer(tokenizer_file).vocab_size
-    return kept_ids((enc.tokens for enc in splits.values()), full_size, always_kept(tokenizer))
+    spec = json.loads(tokenizer.path.read_text(encoding="utf-8"))
+    return kept_ids((enc.tokens for enc in splits.values()), tokenizer.vocab_size, always_kept(spec))
 
 
 def student_spec(cfg: TrainConfig, setup: Setup) -> StudentSpec:
@@ -146,20 +164,35 @@ def initial_student(cfg: TrainConfig, setup: Setup, seed: int) -> tuple[XLMRConf
     return init_student(cfg.init, spec, teacher=setup.teacher_dir, base=cfg.base, seed=seed)
 
 
-def load_teacher(setup: Setup, student_cfg: XLMRConfig, device, vocab: VocabTrim | None = None) -> XLMRClassifier:
-    """The frozen teacher; with `vocab`, only its kept word-embedding rows (the same lookups)."""
+def check_models(cfg: TrainConfig, setup: Setup) -> None:
+    """What the student's and teacher's sizes must satisfy, from their config.json alone: checked
+    before the run writes anything."""
+    teacher_cfg = XLMRConfig.from_hf(setup.teacher_dir) if setup.teacher_dir is not None else None
+    source = {"from-teacher": teacher_cfg, "from-base": XLMRConfig.from_hf(cfg.base) if cfg.base else None}.get(
+        cfg.init) or teacher_cfg or (XLMRConfig.from_hf(cfg.base) if cfg.base else setup.arch)
+    if source is None:
+        raise InputError("--init from-scratch: give --teacher or --base to take the sizes from")
+    scfg = student_config(source, student_spec(cfg, setup))
+    check_max_length(cfg.max_length, scfg)
+    if cfg.no_kd:
+        return
+    if teacher_cfg.id2label != scfg.id2label:
+        raise InputError(f"teacher {setup.teacher_dir}: labels {teacher_cfg.id2label} disagree with the student's "
+                         f"{scfg.id2label}")
+    if teacher_cfg.num_attention_heads != scfg.num_attention_heads:
+        raise InputError(f"attention distillation compares heads one to one: the student has "
+                         f"{scfg.num_attention_heads} heads, the teacher {teacher_cfg.num_attention_heads}; "
+                         f"keep --heads at the teacher's or use --no-kd")
+    if teacher_cfg.vocab_size != scfg.vocab_size:
+        raise InputError(f"teacher {setup.teacher_dir}: vocabulary {teacher_cfg.vocab_size} differs from the "
+                         f"student's {scfg.vocab_size}; both must share one tokenizer")
+
+
+def load_teacher(setup: Setup, device, vocab: VocabTrim | None = None) -> XLMRClassifier:
+    """The frozen teacher (its sizes checked by `check_models`); with `vocab`, only its kept
+    word-embedding rows (the same lookups)."""
     tcfg, state = read_hf_state_dict(setup.teacher_dir)
     teacher = build_model(tcfg, state, device=device).eval().requires_grad_(False)
-    if teacher.cfg.id2label != student_cfg.id2label:
-        raise InputError(f"teacher {setup.teacher_dir}: labels {teacher.cfg.id2label} disagree with the student's "
-                         f"{student_cfg.id2label}")
-    if teacher.cfg.num_attention_heads != student_cfg.num_attention_heads:
-        raise InputError(f"attention distillation compares heads one to one: the student has "
-                         f"{student_cfg.num_attention_heads} heads, the teacher {teacher.cfg.num_attention_heads}; "
-                         f"keep --heads at the teacher's or use --no-kd")
-    if teacher.cfg.vocab_size != student_cfg.vocab_size:
-        raise InputError(f"teacher {setup.teacher_dir}: vocabulary {teacher.cfg.vocab_size} differs from the "
-                         f"student's {student_cfg.vocab_size}; both must share one tokenizer")
     if vocab is not None:
         teacher = build_model(trim_config(tcfg, vocab), trim_state_dict(state, vocab), device=device)
         teacher.eval().requires_grad_(False)
@@ -169,12 +202,9 @@ def load_teacher(setup: Setup, student_cfg: XLMRConfig, device, vocab: VocabTrim
 def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int) -> StepContext:
     torch.manual_seed(seed)
     scfg, sd = initial_student(cfg, setup, seed)
-    if cfg.max_length + scfg.pad_token_id + 1 > scfg.max_position_embeddings:
-        raise InputError(f"--max-length {cfg.max_length}: the model has positions for at most "
-                         f"{scfg.max_position_embeddings - scfg.pad_token_id - 1} tokens")
+    scfg = with_dropout(cfg, scfg)
     vocab = None
     if setup.vocab is not None:
-        full_cfg = scfg
         vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=sd[WORD_KEY].float())
         scfg, sd = trim_config(scfg, vocab), trim_state_dict(sd, vocab)
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
@@ -182,12 +212,12 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
                             loss_norm=cfg.loss_norm)
     teacher, proj, lmap = None, None, []
     if loss_cfg.kd:
-        teacher = load_teacher(setup, full_cfg if vocab is not None else scfg, device, vocab)
+        teacher = load_teacher(setup, device, vocab)
         lmap = layer_map(teacher.cfg.num_hidden_layers, scfg.num_hidden_layers, cfg.layer_map)
         proj = HiddenProjection(scfg.hidden_size, teacher.cfg.hidden_size, cfg.hid_proj).to(device)
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, setup.lr, cfg.weight_decay)
-    bf16 = run_precision(cfg, device, scfg, teacher) == "bf16"
+    bf16 = cfg.precision == "bf16"  # resolved by `resolve_run_precision`
     if bf16 and teacher is not None:
         bf16_frozen_linears(teacher)
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
@@ -200,7 +230,27 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
     return ctx
 
 
-def run_precision(cfg: TrainConfig, device, student_cfg: XLMRConfig, teacher: XLMRClassifier | None) -> str:
-    """--precision resolved for this hardware and these models (the widest sets the matmul sizes)."""
-    hidden = max(student_cfg.hidden_size, teacher.cfg.hidden_size if teacher is not None else 0)
-    return resolve_precision(cfg.precision, device, hidden, cfg.cache_dir or default_cache_dir())
+def with_dropout(cfg: TrainConfig, student_cfg: XLMRConfig) -> XLMRConfig:
+    """The student's config with --dropout (hidden states; the head follows it) and
+    --attention-dropout applied."""
+    changes = {}
+    if cfg.dropout is not None:
+        changes.update(hidden_dropout_prob=cfg.dropout, classifier_dropout=None)
+    if cfg.attention_dropout is not None:
+        changes["attention_probs_dropout_prob"] = cfg.attention_dropout
+    return student_cfg.replace(**changes)
+
+
+def resolve_run_precision(cfg: TrainConfig, setup: Setup, device) -> TrainConfig:
+    """`cfg` with --precision resolved for this hardware and the widest model of the run (which
+    sets the matmul sizes): the student, and the teacher when it distils. The resolved value is
+    part of the run's identity, so an fp32 run and a bf16 run never share a directory."""
+    def width(path) -> int:
+        return XLMRConfig.from_hf(path).hidden_size
+
+    source = {"from-teacher": setup.teacher_dir, "from-base": cfg.base}.get(cfg.init) or setup.teacher_dir or cfg.base
+    arch = setup.arch.hidden_size if setup.arch is not None else 0  # none: initial_student says what is missing
+    student = cfg.hidden or (width(source) if source is not None else arch)
+    hidden = max(student, width(setup.teacher_dir) if not cfg.no_kd and setup.teacher_dir is not None else 0)
+    precision = resolve_precision(cfg.precision, device, hidden, cfg.cache_dir or default_cache_dir())
+    return dataclasses.replace(cfg, precision=precision)

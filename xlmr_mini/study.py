@@ -13,13 +13,16 @@ directory being written is locked, so a second study stops with one line instead
 too). Then `study_report` writes PLAN.md, PLAN.csv and the figures into --out, each naming the
 settings it was made with; a later study with other settings is refused unless `--overwrite`.
 
-On real data the runs use the paper's settings (batch 8, its evaluation steps per section, 30
-epochs, seeds 1 2 3); `--epochs`, `--max-steps`, `--batch-size`, ... override them for quicker
-studies and are written into every output. The demo has its own small pretrained base (a short
-masked-LM pretraining on its text) and shorter schedules.
+On real data the runs use the paper's settings (batch 8, its evaluation steps per section and none
+off that grid, 30 epochs, seeds 1 2 3, fp32, plain random batches); each teacher is trained with
+every seed and the best on its training languages' dev split teaches the students. `--epochs`,
+`--max-steps`, `--batch-size`, `--precision`, ... override them for quicker studies and are
+written into every output. The demo has its own small pretrained base (a short masked-LM
+pretraining on its text) and shorter schedules.
 """
 import argparse
 import ctypes
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -34,27 +37,31 @@ from pathlib import Path
 
 import torch
 
+from xlmr_mini.checkpoint import check_model_dir
 from xlmr_mini.config import XLMRConfig
-from xlmr_mini.data import TaskData, load_task, parse_spec, select_languages, stratified_subset
+from xlmr_mini.data import TaskData, default_cache_dir, load_task, parse_spec, select_languages, stratified_subset
 from xlmr_mini.demo_models import demo_base
-from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
+from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main, deprecated_alias
 from xlmr_mini.evaluate import main as evaluate_main
-from xlmr_mini.files import atomic_write, check_apart
+from xlmr_mini.files import atomic_write, check_apart, check_output_dir, check_output_file
+from xlmr_mini.hardware import PRECISIONS, resolve_device, resolve_precision
+from xlmr_mini.kd_step import TrainingError
 from xlmr_mini.inference import final_split
 from xlmr_mini.progress import clock
 from xlmr_mini.run_identity import differences, key
+from xlmr_mini.select_teacher import select_teacher
 from xlmr_mini.study_estimate import measure_step_seconds
 from xlmr_mini.study_plan import PLANS, Planner, Run, StudySettings, plan_runs, train_config
-from xlmr_mini.study_report import Results, build_tables, draw_figures, write_plan
+from xlmr_mini.study_report import Results, build_tables, data_warning, draw_figures, write_plan
 from xlmr_mini.train import train
-from xlmr_mini.train_config import DEMO_EPOCHS
+from xlmr_mini.train_config import DEMO_EPOCHS, TrainConfig, check_seeds
 
 # The demo's schedules: teachers fine-tune the pretrained demo base, students distil in a few epochs.
 DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, DEMO_EPOCHS
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 TABLE_SETTINGS = "study.json"  # plan -> the settings its PLAN.md and PLAN.csv were made with
 OVERRIDES = ("epochs", "max_steps", "batch_size", "eval_steps", "lr", "max_length", "device", "num_threads",
-             "cache_dir")
+             "cache_dir", "att_target", "kd_impl", "compile", "deterministic")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,18 +69,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("plan", choices=PLANS + ("all",), help="which table or figure of the paper (or all)")
     p.add_argument("--data", default="demo", help="massive:PATH, tsm:PATH or demo (default: demo)")
     p.add_argument("--base", help="pretrained base HF directory, e.g. xlm-roberta-base (the demo has its own)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="student seeds (default: 1 2 3, the paper's)")
-    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory (default: runs/study)")
+    p.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="student seeds; teachers take the first (default: 1 2 3, the paper's)")
+    deprecated_alias(p, "--seeds", "--seed", dest="seeds", type=int, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("runs/study"),
+                   help="study directory: PLAN.md, PLAN.csv, the figures, and runs/ with every run's directory "
+                   "(default: runs/study)")
     p.add_argument("--jobs", type=int, help="runs at once, one GPU each when there are GPUs (default: the number of "
                    "GPUs; without: 1, or one per CPU core for the demo, whose runs use one thread each)")
     p.add_argument("--dry-run", action="store_true", help="list the runs with a time estimate; train nothing")
     p.add_argument("--emit-commands", type=Path, help="write the runs as shell commands in dependency stages and stop")
     p.add_argument("--overwrite", action="store_true", help="replace tables in --out that other settings made "
                    "(without it such a study is refused; finished runs are kept either way)")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name in OVERRIDES:
+        flag = "--" + name.replace("_", "-")
+        if fields[name].type is bool:  # a switch: --compile
+            p.add_argument(flag, action="store_const", const=True, help=f"passed to every run's {flag}")
+            continue
         kind = int if name in ("epochs", "max_steps", "batch_size", "eval_steps", "max_length", "num_threads") else \
             float if name == "lr" else str
-        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"passed to every run's --{name.replace('_', '-')}")
+        p.add_argument(flag, type=kind, choices=fields[name].metadata.get("choices"),
+                       help=f"passed to every run's {flag}")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="every run's --precision (default: fp32, the paper's; auto is resolved once here, for this "
+                        "machine and the base's width, and the runs record what it resolved to)")
     return p
 
 
@@ -86,19 +106,33 @@ def settings_from(args) -> tuple[StudySettings, XLMRConfig]:
         raise InputError(f"--jobs {args.jobs}: must be at least 1")
     if kind not in ("demo", "massive", "tsm"):
         raise InputError(f"--data {args.data}: the study reproduces the paper on massive:PATH or tsm:PATH (or demo)")
+    check_seeds(tuple(args.seeds))
+    check_output_dir(args.out, "--out")
+    if args.emit_commands is not None:
+        check_output_file(args.emit_commands, "--emit-commands")
+    if args.cache_dir is not None:
+        check_output_dir(args.cache_dir, "--cache-dir")
+    if args.device is not None:
+        resolve_device(args.device)
     base = args.base
-    if base is None:
+    if base is not None:
+        check_model_dir(base, "--base")
+    else:
         if kind != "demo":
             raise InputError("--base: give the pretrained base directory (e.g. xlm-roberta-base); only the demo has its own")
         base = str(demo_base(args.cache_dir))
     base_cfg = XLMRConfig.from_hf(base)
-    overrides = {name.replace("_", "-"): getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    overrides = {name.replace("_", "-"): getattr(args, name) for name in OVERRIDES
+                 if getattr(args, name) is not None}
+    TrainConfig(**{name.replace("-", "_"): value for name, value in overrides.items()})  # checks their ranges
     shortened = "epochs" in overrides or "max-steps" in overrides
     if kind == "demo":
         overrides.setdefault("epochs", DEMO_STUDENT_EPOCHS)
         overrides.setdefault("num-threads", 1)
+    precision = resolve_precision(args.precision, resolve_device(args.device or "auto"), base_cfg.hidden_size,
+                                  args.cache_dir or default_cache_dir())
     s = StudySettings(data=args.data, base=str(Path(base).resolve()), seeds=tuple(args.seeds), out=args.out.resolve(),
-                      overrides=tuple(overrides.items()),
+                      overrides=tuple(overrides.items()), precision=precision,
                       teacher_epochs=DEMO_TEACHER_EPOCHS if kind == "demo" and not shortened else None)
     return s, base_cfg
 
@@ -108,9 +142,12 @@ def settings_text(s: StudySettings, base_cfg: XLMRConfig, planner: Planner) -> s
     return (f"- settings key `{key(planner.identity())}` (the `settings` column of the CSV)\n"
             f"- data: `{s.data}` ({planner.data_id}); base: `{s.base}` ({base_cfg.num_hidden_layers} layers x "
             f"{base_cfg.hidden_size}; {planner.base_id})\n"
-            f"- seeds: {' '.join(map(str, s.seeds))} (teachers: seed {s.seeds[0]})\n"
-            f"- every run's flags are in its run.json under `runs/`; study overrides: {given}\n"
-            + ("- real data: the paper's settings (batch 8, §3.1's evaluation steps, 30 epochs) unless overridden\n"
+            f"- seeds: {' '.join(map(str, s.seeds))} (teachers too: the best on dev teaches the students)\n"
+            f"- precision: {s.precision}" + (" (the paper's: transformers' default fp32)\n" if s.precision == "fp32"
+                                             else " (the paper trained in fp32)\n")
+            + f"- every run's flags are in its run.json under `runs/`; study overrides: {given}\n"
+            + ("- real data: the paper's settings (batch 8, §3.1's evaluation steps per section and no evaluation off "
+               "that grid, 30 epochs, plain random batches) unless overridden\n"
                if not s.is_demo else f"- demo: teachers {s.teacher_epochs} epochs, students {DEMO_STUDENT_EPOCHS}\n"
                if s.teacher_epochs else "- demo: teachers and students as the overrides say\n"))
 
@@ -119,9 +156,14 @@ def settings_text(s: StudySettings, base_cfg: XLMRConfig, planner: Planner) -> s
 # Running
 # ---------------------------------------------------------------------------------------------
 def run_one(run: Run, out: Path) -> None:
-    """Train (or evaluate) one run into `out`; a finished run returns at once."""
+    """Train, select a teacher or evaluate: one run into `out`; a finished run returns at once."""
     if run.tool == "train":
-        train(train_config(run, out), quiet=True)
+        try:
+            train(train_config(run, out), quiet=True, label=run.dir_name)
+        except TrainingError as e:
+            raise TrainingError(f"run {out}: {e}") from None
+    elif run.tool == "select_teacher":
+        select_teacher([Path(d) for d in run.argv], out)
     elif not (out / run.result_file).is_file():
         out.mkdir(parents=True, exist_ok=True)
         evaluate_main(run.argv + ["--json", str(out / run.result_file)])
@@ -131,14 +173,14 @@ def _finished(planner: Planner, run: Run) -> bool:
     return (planner.path(run) / run.result_file).is_file()
 
 
-def _init_worker(started, gpus: int, parent: int) -> None:
-    """Each worker process dies with the study and sees one GPU (round robin by start order)."""
+def _init_worker(started, devices: list[str | None], parent: int) -> None:
+    """Each worker process dies with the study and sees one GPU (`worker_gpus`, by start order)."""
     _die_with(parent)
     with started.get_lock():
-        index = started.value
+        device = devices[started.value % len(devices)]
         started.value += 1
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
 
 
 def _die_with(parent: int) -> None:
@@ -195,6 +237,18 @@ def execute(runs: dict[str, Run], planner: Planner, jobs: int, estimate) -> None
             pool.shutdown(cancel_futures=True)
 
 
+def worker_gpus(jobs: int) -> list[str | None]:
+    """The `CUDA_VISIBLE_DEVICES` of each of `jobs` workers: this process's visible GPUs round
+    robin, named as the parent's own `CUDA_VISIBLE_DEVICES` names them (4,5,6,7 stay 4,5,6,7, not
+    0..3); None for every worker without GPUs."""
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        return [None] * jobs
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in visible.split(",")][:gpus] if visible else [str(i) for i in range(gpus)]
+    return [names[i % gpus] for i in range(jobs)]
+
+
 def _pool(jobs: int):
     if jobs == 1:
         return None
@@ -202,7 +256,7 @@ def _pool(jobs: int):
     # A shared counter, not a Manager: a manager is one more process, which outlives a killed study.
     started = ctx.Value("i", 0)
     return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                               initargs=(started, torch.cuda.device_count(), os.getpid()))
+                               initargs=(started, worker_gpus(jobs), os.getpid()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +288,7 @@ def list_runs(runs: dict[str, Run], planner: Planner, steps, seconds_per_step) -
         total += secs
         state = "done" if _finished(planner, run) else f"~{clock(secs)}"
         print(f"{run.dir_name:<58} {state:>9}  {run.tool} ({', '.join(sorted(run.plans))})")
+        print(f"    {' '.join(Path(a).name if run.tool == 'select_teacher' else a for a in run.argv)}")
     print(f"{len(runs)} runs; estimated time for the rest on this machine: {clock(total)} "
           f"(from measured step rates; one run at a time)")
 
@@ -254,7 +309,8 @@ def emit_commands(runs: dict[str, Run], planner: Planner, path: Path) -> None:
         lines.append(f"# stage {i}: {len(stage)} runs")
         for run in stage:
             out = planner.path(run)
-            extra = ["--out", str(out), "--resume"] if run.tool == "train" else ["--json", str(out / run.result_file)]
+            extra = {"train": ["--out", str(out), "--resume"], "select_teacher": ["--out", str(out)],
+                     "evaluate": ["--json", str(out / run.result_file)]}[run.tool]
             lines.append(" ".join([sys.executable, "-m", f"xlmr_mini.{run.tool}", *map(shlex.quote, run.argv + extra)]))
     atomic_write(path, "\n".join(lines) + "\n")
     print(f"wrote {sum(map(len, stages))} commands in {len(stages)} stages to {path}")
@@ -265,6 +321,15 @@ def emit_commands(runs: dict[str, Run], planner: Planner, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 @cli_main
 def main(argv=None) -> list[Path]:
+    try:
+        return _main(argv)
+    except TrainingError as e:
+        print(f"error: training stopped: {e} The runs that finished are kept: rerun the study once this is "
+              f"fixed.", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _main(argv) -> list[Path]:
     args = _parser().parse_args(argv)
     s, base_cfg = settings_from(args)
     check_apart("--out", s.out, {"--base": args.base, "--data": parse_spec(s.data)[1] or None})
@@ -275,6 +340,9 @@ def main(argv=None) -> list[Path]:
         emit_commands(runs, planner, args.emit_commands)
         return []
     task = load_task(s.data, cache_dir=dict(s.overrides).get("cache-dir"))
+    warning = data_warning(task, s.kind)
+    if warning:
+        print(warning)
     steps = step_counter(task)
     if args.dry_run:
         list_runs(runs, planner, steps, measure_step_seconds(s, base_cfg, task))
@@ -309,13 +377,12 @@ def check_tables(plans: list[str], out: Path, identity: dict, overwrite: bool) -
 def report(plans: list[str], runs: dict[str, Run], planner: Planner, s: StudySettings, base_cfg,
            task: TaskData) -> list[Path]:
     res = Results(runs, planner)
-    reported = final_split(task)[0]
     identity = planner.identity()
-    written = [write_plan(plan, build_tables(plan, res, s.kind, task), s.out, settings_text(s, base_cfg, planner),
-                          s.kind, reported, key(identity)) for plan in plans]
+    written = [write_plan(plan, build_tables(plan, res, s.kind, task), s.out, settings_text(s, base_cfg, planner), task,
+                          s.kind, key(identity)) for plan in plans]
     atomic_write(s.out / TABLE_SETTINGS, json.dumps({**_tables_made(s.out), **dict.fromkeys(plans, identity)},
                                                     indent=1) + "\n")
-    figures = draw_figures(plans, res, s.out)
+    figures = draw_figures(plans, res, s.out, s.kind)
     wanted = [p for p in plans if p.startswith("figure")]
     print("study: wrote " + ", ".join(str(p) for p in written + figures))
     if wanted and not figures:

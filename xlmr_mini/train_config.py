@@ -7,9 +7,11 @@ does; linear decay to 0 with no warm-up; 30 epochs), except where a field's help
 """
 import argparse
 import dataclasses
+import math
 
+from xlmr_mini.config import check_max_length
 from xlmr_mini.copy_weights import INITS
-from xlmr_mini.errors import InputError, OneLineErrorParser
+from xlmr_mini.errors import InputError, IntList, OneLineErrorParser, deprecated_alias
 from xlmr_mini.hardware import PRECISIONS
 from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, IMPLS, LOSS_NORMS
 from xlmr_mini.metrics import METRICS
@@ -24,22 +26,47 @@ DEMO_THREADS = 1
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEEDS = (42,)
 SELECT_ON = ("train-langs", "all")
-PRESETS = ("paper",)
+AT_LEAST_1 = ("batch_size", "eval_batch_size", "epochs", "max_steps", "eval_steps", "stop_after", "layers", "hidden",
+              "heads", "intermediate", "num_threads", "dist_timeout", "grad_accum", "save_steps", "logging_steps")
+# --preset paper-3.2|3.3|3.4 applies the settings of that section of the paper; plain `paper`
+# takes the section from --langs (all: 3.2, seen: 3.3, english: 3.4). Table 3's
+# English-trained students belong to 3.3: give them --preset paper-3.3.
+SECTIONS = ("3.2", "3.3", "3.4")
+SECTION_OF_LANGS = {"all": "3.2", "seen": "3.3", "english": "3.4"}
+PRESETS = ("paper",) + tuple(f"paper-{s}" for s in SECTIONS)
 SAVE_VOCABS = ("full", "task")
+REPORT_TO = ("none", "tensorboard")
 # §3.1: evaluation every 5000 steps on massive for §3.2-3.3 and 100 for §3.4 (English only);
 # on tsm 500, 250 and 60 for §3.2 (all languages), §3.3 (seen languages) and §3.4.
-PAPER_EVAL_STEPS = {("massive", "all"): 5000, ("massive", "seen"): 5000, ("massive", "english"): 100,
-                    ("tsm", "all"): 500, ("tsm", "seen"): 250, ("tsm", "english"): 60}
+PAPER_EVAL_STEPS = {("massive", "3.2"): 5000, ("massive", "3.3"): 5000, ("massive", "3.4"): 100,
+                    ("tsm", "3.2"): 500, ("tsm", "3.3"): 250, ("tsm", "3.4"): 60}
+# Fields whose default depends on --preset: (without a preset, with the paper's).
+PRESET_DEFAULTS = {"precision": ("auto", "fp32"), "group_by_length": (True, False), "eval_last_step": (True, False)}
 
 
-def paper_settings(data: str | None, train_langs: str) -> dict:
-    """The paper's settings where our defaults differ: batch 8 (transformers' default), 30 epochs,
-    seeds 1 2 3, and its evaluation steps for the dataset and training languages."""
-    values = {"batch_size": 8, "epochs": PAPER_EPOCHS, "seeds": (1, 2, 3)}
+def paper_settings(data: str | None, section: str | None) -> dict:
+    """The paper's settings where our defaults differ, for one section of it (§3.1): batch 8,
+    30 epochs, seeds 1 2 3, fp32, plain random batches (transformers' Trainer defaults), and its
+    evaluation steps for the dataset and section, only every that many steps."""
+    values = {"batch_size": 8, "epochs": PAPER_EPOCHS, "seeds": (1, 2, 3),
+              **{name: paper for name, (_, paper) in PRESET_DEFAULTS.items()}}
     kind = (data or "demo").split(":", 1)[0]
-    if (kind, train_langs) in PAPER_EVAL_STEPS:
-        values["eval_steps"] = PAPER_EVAL_STEPS[kind, train_langs]
+    if (kind, section) in PAPER_EVAL_STEPS:
+        values["eval_steps"] = PAPER_EVAL_STEPS[kind, section]
     return values
+
+
+def check_seeds(seeds: tuple[int, ...]) -> None:
+    if not seeds:
+        raise InputError("--seed: give at least one seed")
+    repeated = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if repeated is not None:
+        raise InputError(f"--seed {' '.join(map(str, seeds))}: seed {repeated} is given twice (each seed is one run)")
+
+
+def preset_section(preset: str, train_langs: str) -> str | None:
+    """The paper's section a preset stands for (None: no section, e.g. a language list)."""
+    return preset.split("-", 1)[1] if "-" in preset else SECTION_OF_LANGS.get(train_langs)
 
 
 def _field(default, help, **kw):
@@ -59,14 +86,19 @@ class TrainConfig:
     hidden: int | None = _field(None, "student hidden size (default: the teacher's)")
     heads: int | None = _field(None, "student attention heads (default: the teacher's)")
     intermediate: int | None = _field(None, "student MLP size (default: the teacher's, scaled like --hidden)")
-    layer_map: list[int] | None = _field(None, "0-based teacher layer per student layer (default: layer i*divisor, paper eq. 5)")
-    train_langs: str = _field("all", "training languages: all | seen | english | comma-separated list")
-    subset: float = _field(1.0, "train on this stratified fraction of the training split (0-1]")
+    layer_map: list[int] | None = _field(None, "0-based teacher layer per student layer, space-separated, e.g. 0 2 4 "
+                                         "(default: layer i*divisor, paper eq. 5)")
+    train_langs: str = _field("all", "training languages: all | seen | english | comma-separated list", flag="--langs",
+                              aliases=("--train-langs",))
+    subset: float = _field(1.0, "train on this stratified fraction of the training split (0-1]",
+                           aliases=("--fraction",))
     epochs: int | None = _field(None, f"training epochs (default: {PAPER_EPOCHS} as the paper; the demo: {DEMO_EPOCHS})")
     max_steps: int | None = _field(None, "train exactly this many steps instead (the schedule decays over them)")
     batch_size: int | None = _field(None, f"training batch size (default: {DEFAULT_BATCH_SIZE}, faster on a GPU; the paper "
                                     f"kept transformers' default 8, see --preset paper); under torchrun the global "
                                     f"batch, split across the processes")
+    grad_accum: int = _field(1, "gradient accumulation: run each batch as this many smaller forward/backward passes "
+                             "(for a small GPU); the optimizer step and the batch stay --batch-size's")
     eval_batch_size: int = _field(64, "evaluation batch size")
     lr: float | None = _field(None, f"peak learning rate (default: {PAPER_LR}, transformers' default; the demo: {DEMO_LR})")
     weight_decay: float = _field(0.0, "AdamW weight decay")
@@ -74,9 +106,22 @@ class TrainConfig:
     max_grad_norm: float = _field(1.0, "clip the gradient norm to this (0: no clipping)")
     max_length: int = _field(128, "tokens per example including <s> and </s>")
     eval_steps: int | None = _field(None, "evaluate on dev every this many steps (default: once per epoch; --preset "
-                                    "paper: the paper's §3.1 steps for the dataset and training languages)")
-    seeds: list[int] | None = _field(None, "one run per seed; several report mean and spread (default: 42; the paper: "
-                                     "1 2 3)")
+                                    "paper: the paper's §3.1 steps for the dataset and section)")
+    eval_last_step: bool | None = _field(None, "also evaluate at the last step when it is not a multiple of --eval-steps "
+                                         "(default: yes; --preset paper: no, as the paper's transformers Trainer; a "
+                                         "run that never reached --eval-steps is still evaluated at its end)")
+    save_steps: int | None = _field(None, "write the checkpoint (for --resume) every this many steps (default: at "
+                                    "each evaluation)")
+    keep_checkpoint: bool = _field(False, "keep checkpoint/ (optimizer state, about twice the model) after the run "
+                                   "finishes; by default a finished run removes it")
+    logging_steps: int = _field(1, "write one training record to metrics.jsonl every this many steps: the mean of "
+                                "their loss terms (a record is ~440 bytes; at the paper's settings one per step "
+                                "adds up to ~1 GB on massive)")
+    report_to: str = _field("none", "also log to TensorBoard, in <out>/tensorboard (pip install -e \".[tensorboard]\")",
+                            choices=REPORT_TO)
+    seeds: list[int] | None = _field(None, "one run per seed, e.g. --seed 1 2 3; several report mean and spread and "
+                                     "copy the best seed's model on dev to <out>/best (default: 42; the paper: 1 2 3)",
+                                     flag="--seed", aliases=("--seeds",))
     metric: str = _field("micro-f1", "dev metric that picks the best checkpoint (the paper's F1 is micro-F1)", choices=METRICS)
     select_on: str = _field("train-langs", "dev languages that pick the best checkpoint: the training languages only "
                             "(zero-shot runs never see held-out labels) or all", choices=SELECT_ON)
@@ -88,10 +133,22 @@ class TrainConfig:
                             choices=LOSS_NORMS)
     hid_proj: str = _field("linear", "narrower student: learnable projection (fit_dense) or the teacher's copied units", choices=HID_PROJS)
     kd_impl: str = _field("reference", "KD loss implementation: PyTorch reference or fused kernels (Triton on GPU)", choices=IMPLS)
-    precision: str = _field("auto", "forward passes in fp32 or under bfloat16 autocast (the KD loss terms, weights and "
-                            "optimizer stay fp32); auto: bf16 on GPUs with bf16 and on CPUs where a cached probe "
-                            "measures bf16 matmuls faster, fp32 elsewhere and for models narrower than 256 "
-                            "(--bf16 is short for --precision bf16)", choices=PRECISIONS)
+    precision: str | None = _field(None, "forward passes in fp32 or under bfloat16 autocast (the KD loss terms, weights "
+                                   "and optimizer stay fp32); auto: bf16 on GPUs with bf16 and on CPUs where a cached "
+                                   "probe measures bf16 matmuls faster, fp32 elsewhere and for models narrower than 256 "
+                                   "(default: auto; --preset paper: fp32, the paper's transformers default; --bf16 is "
+                                   "short for --precision bf16). The run records the precision auto resolved to, so "
+                                   "runs on other hardware are other runs", choices=PRECISIONS)
+    group_by_length: bool | None = _field(None, "draw training batches from pools of 50 batches sorted by length (fewer "
+                                          "padded tokens: 1.6x on tweets) or plain random batches as the paper's "
+                                          "transformers Trainer (default: grouped; --preset paper: plain random)")
+    dropout: float | None = _field(None, "dropout of the hidden states and the classifier head (default: the "
+                                   "initializing model's config, 0.1 for XLM-R); saved in best/config.json. Under "
+                                   "torchrun each process draws the masks of its own rows: a run on 1, 2 or 8 "
+                                   "processes is the same run up to float rounding only with --dropout 0 "
+                                   "--attention-dropout 0")
+    attention_dropout: float | None = _field(None, "dropout of the attention probabilities (default: the initializing "
+                                             "model's config, 0.1 for XLM-R); saved in best/config.json")
     no_trim: bool = _field(False, "train the whole word-embedding table instead of only the rows of tokens in the data "
                            "(the same run, slower and bigger; for checking that trimming is exact)")
     save_vocab: str = _field("full", "vocabulary of the saved model: full (a drop-in model with the teacher's tokenizer; "
@@ -99,8 +156,15 @@ class TrainConfig:
                              "with a trimmed tokenizer.json; Unigram tokenizers such as XLM-R's)", choices=SAVE_VOCABS)
     compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
     device: str = _field("auto", "cpu, cuda, or auto")
+    deterministic: bool = _field(False, "PyTorch's deterministic algorithms and cuBLAS's fixed workspace "
+                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower; CPU "
+                                 "runs repeat without it. An operation with no deterministic GPU version stops the run, "
+                                 "named")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
-    out: str | None = _field(None, "output directory (default: runs/<data>-<init>-<layers>L-<kd|nokd>)")
+    out: str | None = _field(None, "run directory: run.json, metrics.jsonl, results.json, best/ (the best model on "
+                             "dev, an HF directory), checkpoint/ (kept with --keep-checkpoint), tensorboard/; with "
+                             "several seeds a seed-N/ of these per seed, the summary results.json and the best "
+                             "seed's best/ (default: runs/<data>-<init>[-<layers>L]-<kd|nokd>)")
     resume: bool = _field(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = _field(False, "train anew in place of the run in --out (a finished one too); the old run is "
                              "replaced only once the new one is complete (or stopped by --stop-after)")
@@ -108,26 +172,52 @@ class TrainConfig:
     dist_timeout: float = _field(600.0, "under torchrun: seconds a process waits for the others (a collective, or "
                                  "rank 0 writing a checkpoint) before it stops the job")
     cache_dir: str | None = _field(None, "cache for tokenized data, the demo and its teacher (default: ~/.cache/xlmr_mini)")
-    preset: str | None = _field(None, "paper: the paper's settings where our defaults differ (batch 8, its evaluation "
-                                "steps, 30 epochs, seeds 1 2 3); flags given explicitly still win", choices=PRESETS)
+    preset: str | None = _field(None, "the paper's settings where our defaults differ (batch 8, 30 epochs, seeds 1 2 3, "
+                                "fp32, plain random batches, its evaluation steps and no evaluation at a last step "
+                                "off that grid); paper-3.2, paper-3.3 and paper-3.4 take the evaluation steps of that "
+                                "section, paper those of the section of --langs (all: 3.2, seen: 3.3, "
+                                "english: 3.4). Table 3's English-trained students are §3.3: use paper-3.3. Flags "
+                                "given explicitly still win", choices=PRESETS)
 
     def __post_init__(self):
         # A preset fills only what was left unset (None), so explicit flags win and applying
         # it again (dataclasses.replace) changes nothing.
-        if self.preset == "paper":
-            for name, value in paper_settings(self.data, self.train_langs).items():
+        if self.preset is not None:
+            for name, value in paper_settings(self.data, preset_section(self.preset, self.train_langs)).items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
+        for name, (default, _) in PRESET_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         self.batch_size = self.batch_size if self.batch_size is not None else DEFAULT_BATCH_SIZE
         self.seeds = tuple(self.seeds if self.seeds is not None else DEFAULT_SEEDS)
         self.layer_map = tuple(self.layer_map) if self.layer_map is not None else None
-        if not self.seeds:
-            raise InputError("--seeds: give at least one seed")
-        for name in ("batch_size", "eval_batch_size", "epochs", "max_steps", "eval_steps", "stop_after", "layers",
-                     "dist_timeout"):
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        check_seeds(self.seeds)
+        for name in AT_LEAST_1:
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if value is not None and not value >= 1:
                 raise InputError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+        check_max_length(self.max_length)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr {self.lr}: must be a positive number")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a number >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise InputError(f"--warmup-ratio {self.warmup_ratio}: must be a fraction in [0, 1) of the steps")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise InputError(f"--{name.replace('_', '-')} {value}: must be a probability in [0, 1)")
+        if self.grad_accum > self.batch_size:
+            raise InputError(f"--grad-accum {self.grad_accum}: more passes than the {self.batch_size} examples of a "
+                             f"batch (--batch-size)")
+        if self.grad_accum > 1 and self.kd_impl == "fused" and not self.no_kd:
+            raise InputError("--grad-accum: --kd-impl fused normalises by each pass's own examples; use --kd-impl "
+                             "reference with gradient accumulation")
 
     @property
     def is_demo(self) -> bool:
@@ -135,8 +225,10 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The settings that define the run's result (what `run.json` compares)."""
+        # grad_accum changes the sums' order only (the same run within float rounding).
         ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset",
-                   "dist_timeout"}
+                   "dist_timeout", "grad_accum", "save_steps", "keep_checkpoint", "logging_steps", "report_to",
+                   "deterministic"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
@@ -154,16 +246,22 @@ def _parser() -> argparse.ArgumentParser:
         "--layers 6 --data tsm:PATH --preset paper.",
     )
     for f in dataclasses.fields(TrainConfig):
-        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        meta = dict(f.metadata)
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if f.type == "bool" or f.type is bool:
             p.add_argument(flag, action="store_true", help=meta["help"])
             continue
+        if str(f.type).startswith("bool"):  # bool | None: --x / --no-x, None until the preset or default decides
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            continue
         kind = {"int": int, "float": float, "str": str}
         base = next((t for name, t in kind.items() if str(f.type).startswith(name) or f.type is t), str)
-        nargs = "+" if str(f.type).startswith("list") else None
+        listed = dict(nargs="+", action=IntList) if str(f.type).startswith("list") else dict(type=base)
         default_text = f" (default: {_show(f.default)})" if f.default is not None else ""
-        p.add_argument(flag, type=int if nargs else base, nargs=nargs, default=f.default,
-                       choices=meta.get("choices"), help=meta["help"] + default_text)
+        p.add_argument(flag, dest=f.name, default=f.default, choices=meta.get("choices"),
+                       help=meta["help"] + default_text, **listed)
+        for old in meta.get("aliases", ()):
+            deprecated_alias(p, old, flag, dest=f.name, **listed)
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     return p
 
