@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, random_demo_teacher
+from conftest import REPO, tiny_demo_model
 from xlmr_mini import distributed
 from xlmr_mini.distributed import TORCHRUN_VARS, share_rows
 from xlmr_mini.errors import InputError
@@ -35,7 +35,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(cache, tmp_path_factory) -> Path:
-    return random_demo_teacher(cache, tmp_path_factory.mktemp("teacher"))
+    return tiny_demo_model(cache, tmp_path_factory.mktemp("teacher"), hidden=64, heads=4, intermediate=128)
 
 
 def _args(teacher: Path, cache: Path, out: Path, steps: int, eval_steps: int, device: str = "cpu") -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_demo_teacher
+from conftest import tiny_demo_model
 from xlmr_mini import kd_loss, run_setup, step_impl
 from xlmr_mini.kd_step import compile_forward_loss
 from xlmr_mini.step_impl import plan_step
@@ -23,7 +23,7 @@ def cache(tmp_path_factory) -> Path:
 def teacher(cache, tmp_path_factory) -> Path:
     # Dropout 0.1: a self-check that left the student in eval mode or drew random numbers would
     # change the run.
-    return random_demo_teacher(cache, tmp_path_factory.mktemp("teacher"))
+    return tiny_demo_model(cache, tmp_path_factory.mktemp("teacher"), hidden=64, heads=4, intermediate=128)
 
 
 @pytest.fixture
