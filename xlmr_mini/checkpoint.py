@@ -108,7 +108,7 @@ def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     return kept, ignored
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
@@ -152,7 +152,7 @@ def read_hf_state_dict(path: str | Path, init_missing_classifier: bool = True) -
     shapes = expected_shapes(cfg)
     state: dict[str, torch.Tensor] = {}
     ignored: set[str] = set()
-    for file in _weight_files(path):
+    for file in weight_files(path):
         tensors, dropped = checked_tensors(_read_tensors(file), shapes, source=str(file))
         state.update(tensors)
         ignored |= dropped

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from xlmr_mini.checkpoint import check_model_dir, check_tokenizer, find_tokenizer, read_hf_state_dict, save_hf
 from xlmr_mini.copy_weights import parameter_count
-from xlmr_mini.data import encode_split, load_task
+from xlmr_mini.data import encode_split, load_task, parse_spec
 from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
-from xlmr_mini.files import check_output_dir
+from xlmr_mini.files import check_apart, check_output_dir
 from xlmr_mini.tokenizer import Tokenizer, read_tokenizer_json
 from xlmr_mini.vocab import always_kept, kept_ids, trim_config, trim_state_dict, trim_tokenizer
 
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
+    check_apart("--out", args.out, {"model": args.model, "--data": parse_spec(args.data)[1] or None})
     tok_file = find_tokenizer(check_model_dir(args.model, "model"))
     if tok_file is None:
         raise InputError(f"{args.model}: no tokenizer.json beside the model; trimming renumbers the tokenizer too")
