@@ -151,7 +151,7 @@ def build_tables(plan: str, res: Results, data_kind: str, task: TaskData) -> lis
               _paper_cols(PAPER["table3"][("teacher", "seen")], data_kind))
         for langs in ("seen", "english"):
             for init in INITS:
-                cells = {col: _finished(res, res.find(plan, init=init, train_langs=langs, teacher=_any,
+                cells = {col: _finished(res, res.find(plan, init=init, langs=langs, teacher=_any,
                                                       no_kd=(col == "NON-KD") or None)) for col in ("NON-KD", "KD")}
                 t.add(f"{init}, trained on {langs} lang", cells, _paper_cols(PAPER["table3"][(init, langs)], data_kind))
         return [t]
