@@ -391,7 +391,7 @@ def test_cli_refuses_non_empty_out_and_bad_flags(tmp_path, teacher_dir, capsys):
     main(argv + ["--overwrite"])
     assert (out / "notes.txt").read_text() == "keep me" and (out / "model.safetensors").is_file()
     for bad, message in [
-        (["--out", str(teacher_dir), "--overwrite"], "is the source checkpoint directory"),
+        (["--out", str(teacher_dir), "--overwrite"], "contains the input --teacher"),
         (["--out", str(tmp_path / "x"), "--layers", "5"], "not whole; give an explicit layer map (--layer-map"),
         (["--out", str(tmp_path / "x"), "--layer-map", "0,2,x"], "--layer-map 0,2,x: expected integers"),
         (["--out", str(tmp_path / "x"), "--layers", "13"], "deeper than its 12-layer teacher"),

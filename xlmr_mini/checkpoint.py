@@ -18,6 +18,7 @@ from xlmr_mini.config import XLMRConfig
 from xlmr_mini.errors import InputError
 from xlmr_mini.files import atomic_write
 from xlmr_mini.model import XLMRClassifier, init_weights
+from xlmr_mini.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     return kept, ignored
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
@@ -151,7 +152,7 @@ def read_hf_state_dict(path: str | Path, init_missing_classifier: bool = True) -
     shapes = expected_shapes(cfg)
     state: dict[str, torch.Tensor] = {}
     ignored: set[str] = set()
-    for file in _weight_files(path):
+    for file in weight_files(path):
         tensors, dropped = checked_tensors(_read_tensors(file), shapes, source=str(file))
         state.update(tensors)
         ignored |= dropped
@@ -196,12 +197,14 @@ def hf_state_dict(model: XLMRClassifier) -> dict[str, torch.Tensor]:
 
 
 def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor],
-            tokenizer_file: str | Path | None = None) -> Path:
-    """Write an HF directory (config.json, model.safetensors, tokenizer.json if given).
+            tokenizer_file: str | Path | dict | None = None) -> Path:
+    """Write an HF directory (config.json, model.safetensors; with a tokenizer, a file or a
+    tokenizer.json dict, also tokenizer.json and tokenizer_config.json, see `save_tokenizer`).
 
     Each file is written to a temporary name in the directory and renamed into place, so a crash
     leaves either the old file or the new one. Loadable by transformers'
-    `AutoModelForSequenceClassification.from_pretrained` with no missing or unexpected keys.
+    `AutoModelForSequenceClassification.from_pretrained` with no missing or unexpected keys, and
+    by `AutoTokenizer` with `model_max_length` = the model's positions (less XLM-R's offset of 2).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -211,7 +214,7 @@ def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor]
     atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(path / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer_file is not None:
-        atomic_write(path / "tokenizer.json", Path(tokenizer_file).read_bytes())
+        save_tokenizer(path, tokenizer_file, cfg.max_tokens)
     return path
 
 

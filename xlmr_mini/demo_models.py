@@ -135,7 +135,7 @@ def _pretrain_base(final: Path, cache_dir, quiet: bool) -> None:
     model = build_model(arch, scratch_state_dict(arch, b["seed"])).train()
     head = MaskedLMHead(arch, model.embed.word)
     tok = Tokenizer(task.tokenizer_path)
-    mask_id = 3  # the demo tokenizer has no <mask>; <unk> (id 3, as in XLM-R) stands in for it
+    mask_id = tok.mask_id  # the last id, as in XLM-R
     enc = encode_split(task.splits["train"], tok, 128, cache_dir=cache_dir)
     steps_per_epoch = len(epoch_batches(enc, b["batch_size"], seed=b["seed"], epoch=0, pad_id=tok.pad_id))
     total = b["epochs"] * steps_per_epoch

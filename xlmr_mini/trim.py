@@ -11,15 +11,14 @@ still tokenizes: a piece outside the kept set falls back to smaller kept pieces 
 (`python -m xlmr_mini.evaluate` reports the <unk> rate per language).
 """
 import argparse
-import json
 from pathlib import Path
 
 from xlmr_mini.checkpoint import check_model_dir, check_tokenizer, find_tokenizer, read_hf_state_dict, save_hf
 from xlmr_mini.copy_weights import parameter_count
-from xlmr_mini.data import encode_split, load_task
+from xlmr_mini.data import encode_split, load_task, parse_spec
 from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
-from xlmr_mini.files import atomic_write, check_output_dir
-from xlmr_mini.tokenizer import Tokenizer
+from xlmr_mini.files import check_apart, check_output_dir
+from xlmr_mini.tokenizer import Tokenizer, read_tokenizer_json
 from xlmr_mini.vocab import always_kept, kept_ids, trim_config, trim_state_dict, trim_tokenizer
 
 UNTRUNCATED = 10**9  # encode whole texts: every piece any text uses is kept
@@ -40,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
+    check_apart("--out", args.out, {"model": args.model, "--data": parse_spec(args.data)[1] or None})
     tok_file = find_tokenizer(check_model_dir(args.model, "model"))
     if tok_file is None:
         raise InputError(f"{args.model}: no tokenizer.json beside the model; trimming renumbers the tokenizer too")
@@ -51,14 +51,13 @@ def main(argv=None) -> dict:
     cfg, state = read_hf_state_dict(args.model)
     tokenizer = Tokenizer(tok_file)
     check_tokenizer(tokenizer.vocab_size, tok_file, cfg, str(args.model))
-    tok_json = json.loads(tok_file.read_text(encoding="utf-8"))
+    tok_json = read_tokenizer_json(tok_file)
     task = load_task(args.data, cache_dir=args.cache_dir)
     encoded = [encode_split(split, tokenizer, UNTRUNCATED, cache_dir=args.cache_dir) for split in task.splits.values()]
     trim = kept_ids((enc.tokens for enc in encoded), cfg.vocab_size, always_kept(tok_json))
     trimmed_tokenizer = trim_tokenizer(tok_json, trim)  # raises first for a tokenizer that cannot be trimmed
     trimmed = trim_state_dict(state, trim)
-    save_hf(args.out, trim_config(cfg, trim), trimmed)
-    atomic_write(args.out / "tokenizer.json", json.dumps(trimmed_tokenizer, ensure_ascii=False))
+    save_hf(args.out, trim_config(cfg, trim), trimmed, trimmed_tokenizer)
     summary = {"kept": trim.size, "vocab": cfg.vocab_size, "parameters": parameter_count(state),
                "trimmed_parameters": parameter_count(trimmed)}
     print(f"kept {trim.size:,} of {cfg.vocab_size:,} pieces (every token of {task.source}'s "
