@@ -3,25 +3,31 @@
 A run is one `python -m xlmr_mini.train` (or, for Table 5's copied student, `python -m
 xlmr_mini.evaluate`) command, identified by its full configuration: two plans that need the same
 configuration share one run (Table 2's from-teacher KD 6L/768 is also Table 5's "with finetune"
-and Figure 2's 100% point). Its directory name carries a hash of that configuration, so a run
-is found again by every later study command and never mixed up with another.
+and Figure 2's 100% point). Its directory name carries a hash of that configuration and of its
+inputs' content (`run_identity`), so a run is found again by every later study command, in a
+moved study folder too, and never mixed up with another.
 
 Teachers: one per training-language set (Table 2: all languages; Table 3: the seen languages;
-Table 4: English), fine-tuned from the base with the first seed (the paper picked one teacher).
-Students have half the teacher's layers; Table 2 also has students of half its width.
+Table 4: English), fine-tuned from the base with every study seed; `select_teacher` then picks the
+best on the training languages' dev split, and every student of that set learns from it (the
+paper: "except for the teacher model, where we selected one of the best models"). Students have
+half the teacher's layers; Table 2 also has students of half its width.
+
+On real data every run gets the paper's settings for its section (`train_config.paper_settings`:
+batch 8, 30 epochs, fp32, plain random batches, the section's evaluation steps and none off
+that grid); Table 3's English-trained students are §3.3's.
 """
 import dataclasses
-import hashlib
-import json
+import functools
 from pathlib import Path
 
 from xlmr_mini.copy_weights import INITS
-from xlmr_mini.train_config import PAPER_EVAL_STEPS, TrainConfig, parse_config
+from xlmr_mini.run_identity import INPUTS, data_fingerprint, key, model_fingerprint, settings, study_identity
+from xlmr_mini.train_config import TrainConfig, paper_settings, parse_config
 
 PLANS = ("table2", "table3", "table4", "table5", "figure2", "figure3")
 SUBSETS = (0.01, 0.05, 0.1, 0.2, 1.0)  # Figure 2: stratified fractions of the training data
-# §3.1's evaluation steps by section: 3.2 (all languages; also §4), 3.3 (seen), 3.4 (English).
-SECTION_LANGS = {"3.2": "all", "3.3": "seen", "3.4": "english"}
+TOOL_RESULTS = {"train": "results.json", "evaluate": "scores.json", "select_teacher": "selection.json"}
 
 # The paper's published micro-F1 (%), for reference beside ours.
 PAPER = {
@@ -56,8 +62,9 @@ PAPER = {
 
 @dataclasses.dataclass
 class Run:
-    """One command of the study. `tool` is "train" or "evaluate"; `argv` its flags, without --out
-    (or --json), which the run's directory supplies; `after` the runs that must finish first."""
+    """One command of the study. `tool` is "train", "evaluate" or "select_teacher" (a module of
+    xlmr_mini); `argv` its arguments, without --out (or --json), which the run's directory
+    supplies; `after` the runs that must finish first."""
 
     name: str
     tool: str
@@ -72,19 +79,22 @@ class Run:
 
     @property
     def result_file(self) -> str:
-        """What a finished run leaves in its directory: train's results.json, evaluate's --json."""
-        return "results.json" if self.tool == "train" else "scores.json"
+        """What a finished run leaves in its directory: train's results.json, evaluate's --json,
+        select_teacher's selection.json."""
+        return TOOL_RESULTS[self.tool]
 
 
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
-    """What every run shares: the data, the base, and the overrides the user gave."""
+    """What every run shares: the data, the base, the precision (resolved: part of every run's
+    identity) and the overrides the user gave."""
 
     data: str
     base: str
     seeds: tuple[int, ...]
     out: Path
     overrides: tuple[tuple[str, str], ...] = ()  # (flag, value) given to the study, passed to every run
+    precision: str = "fp32"  # the paper's (transformers' default)
     teacher_epochs: int | None = None  # the demo's teachers train longer than its students
 
     @property
@@ -96,55 +106,87 @@ class StudySettings:
         return self.kind == "demo"
 
 
+BOOLEAN_OPTIONS = ("group-by-length", "eval-last-step")  # --x / --no-x flags of train
+
+
 def flags_to_argv(pairs: dict) -> list[str]:
     argv = []
     for flag, value in pairs.items():
         if value is True:
             argv.append(f"--{flag}")
+        elif value is False and flag in BOOLEAN_OPTIONS:
+            argv.append(f"--no-{flag}")
         elif value is not None and value is not False:
             argv += [f"--{flag}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
     return argv
 
 
 def common_flags(s: StudySettings, section: str) -> dict:
-    """Flags every training run of a section gets: the data, the paper's settings on real data."""
-    flags = {"data": s.data}
+    """Flags every training run of a section gets: the data and precision; on real data the
+    paper's settings for the section (seeds apart: one run per seed)."""
+    flags = {"data": s.data, "precision": s.precision}
     if not s.is_demo:
-        flags.update({"batch-size": 8, "epochs": 30,
-                      "eval-steps": PAPER_EVAL_STEPS.get((s.kind, SECTION_LANGS[section]))})
+        paper = paper_settings(s.data, section)
+        flags.update({"batch-size": paper["batch_size"], "epochs": paper["epochs"], "eval-steps": paper["eval_steps"],
+                      "group-by-length": paper["group_by_length"], "eval-last-step": paper["eval_last_step"]})
     flags.update(dict(s.overrides))
     return flags
 
 
 class Planner:
-    """Builds the runs of the plans asked for; identical configurations collapse into one run."""
+    """Builds the runs of the plans asked for; identical configurations collapse into one run.
+
+    A run's key is a hash of its identity (`run_identity`): its settings, the data's and the
+    base's content, and for a student the key of its teacher's run. Paths take no part, so a
+    moved study folder finds its runs again, and data changed in place gives new runs."""
 
     def __init__(self, settings: StudySettings, base_layers: int, base_hidden: int):
         self.s, self.base_layers, self.base_hidden = settings, base_layers, base_hidden
         self.runs: dict[str, Run] = {}
 
-    def add(self, plan: str, name: str, tool: str, flags: dict, after: list[str] = ()) -> Run:
-        argv = flags_to_argv(flags)
-        identity = self._identity(tool, argv)
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-        run = self.runs.setdefault(key, Run(name=name, tool=tool, argv=argv, after=list(after), key=key))
+    @functools.cached_property
+    def data_id(self) -> str:
+        return data_fingerprint(self.s.data, dict(self.s.overrides).get("cache-dir"))
+
+    @functools.cached_property
+    def base_id(self) -> str:
+        return model_fingerprint(self.s.base, dict(self.s.overrides).get("cache-dir"))
+
+    def identity(self) -> dict:
+        """What the study's tables are made with."""
+        return study_identity(self.s, self.data_id, self.base_id)
+
+    def add(self, plan: str, name: str, tool: str, flags: dict, after: list[Run] = (), argv: list[str] = ()) -> Run:
+        """The run of `tool` with these flags (and leading `argv`: the paths of runs in `after`, the
+        runs it needs, which take part in its identity by their keys)."""
+        inputs = {"data": self.data_id, "base": self.base_id if flags.get("base") else None,
+                  "after": [r.key for r in after]}
+        if tool == "train":  # the trainer's own notion of "the same run", with its inputs by content
+            identity = {"tool": tool, **settings(parse_config(flags_to_argv(flags) + ["--out", "x"])), **inputs}
+        else:
+            identity = {"tool": tool, "argv": flags_to_argv({k: v for k, v in flags.items() if k not in INPUTS}),
+                        **inputs}
+        k = key(identity)
+        run = self.runs.setdefault(k, Run(name=name, tool=tool, argv=list(argv) + flags_to_argv(flags),
+                                          after=[r.key for r in after], key=k))
         run.plans.add(plan)
         return run
-
-    def _identity(self, tool: str, argv: list[str]) -> dict:
-        if tool == "train":  # the trainer's own notion of "the same run"
-            return {"tool": tool, **parse_config(argv + ["--out", "x"]).identity()}
-        return {"tool": tool, "argv": argv}
 
     def path(self, run: Run) -> Path:
         return self.s.out / "runs" / run.dir_name
 
     def teacher(self, plan: str, langs: str, section: str) -> Run:
-        flags = {**common_flags(self.s, section), "init": "from-base", "base": self.s.base, "no-kd": True,
-                 "layers": self.base_layers, "langs": langs, "seed": self.s.seeds[0]}
-        if self.s.teacher_epochs:
-            flags["epochs"] = self.s.teacher_epochs
-        return self.add(plan, f"teacher-{langs}", "train", flags)
+        """A teacher per study seed, and the run that selects the best of them (which students
+        name as their --teacher: `path(selection) / "best"`)."""
+        seeds = []
+        for seed in self.s.seeds:
+            flags = {**common_flags(self.s, section), "init": "from-base", "base": self.s.base, "no-kd": True,
+                     "layers": self.base_layers, "langs": langs, "seed": seed}
+            if self.s.teacher_epochs:
+                flags["epochs"] = self.s.teacher_epochs
+            seeds.append(self.add(plan, f"teacher-{langs}-seed{seed}", "train", flags))
+        return self.add(plan, f"teacher-{langs}-selected", "select_teacher", {}, after=seeds,
+                        argv=[str(self.path(t)) for t in seeds])
 
     def student(self, plan: str, teacher: Run, init: str, kd: bool, langs: str, section: str, seed: int,
                 hidden: int | None = None, subset: float = 1.0) -> Run:
@@ -156,13 +198,13 @@ class Planner:
         width = hidden or self.base_hidden
         name = (f"student-{init}-{'kd' if kd else 'nokd'}-{width}-{langs}"
                 + (f"-{subset:g}" if subset < 1.0 else "") + f"-seed{seed}")
-        return self.add(plan, name, "train", flags, after=[teacher.key])
+        return self.add(plan, name, "train", flags, after=[teacher])
 
     def copied_student(self, plan: str, teacher: Run) -> Run:
         flags = {"init": "from-teacher", "teacher": self.path(teacher) / "best", "data": self.s.data,
-                 "layers": max(1, self.base_layers // 2)}
+                 "layers": max(1, self.base_layers // 2), "precision": self.s.precision}
         flags.update({k: v for k, v in self.s.overrides if k in ("cache-dir", "max-length", "device")})
-        return self.add(plan, "copied-from-teacher-all", "evaluate", flags, after=[teacher.key])
+        return self.add(plan, "copied-from-teacher-all", "evaluate", flags, after=[teacher])
 
 
 def plan_runs(plans: list[str], planner: Planner) -> dict[str, Run]:
@@ -201,7 +243,9 @@ def plan_runs(plans: list[str], planner: Planner) -> dict[str, Run]:
                         p.student(plan, t, init, True, "all", "3.2", seed, subset=subset)
         else:
             raise ValueError(f"unknown plan {plan!r}")
-    return dict(sorted(p.runs.items(), key=lambda kv: (kv[1].tool == "evaluate", bool(kv[1].after))))
+    stage = {"train": 0, "select_teacher": 0, "evaluate": 1}  # teachers, their selections, students, evaluations
+    return dict(sorted(p.runs.items(), key=lambda kv: (stage[kv[1].tool], kv[1].tool == "train" and bool(kv[1].after),
+                                                       kv[1].tool == "select_teacher")))
 
 
 def train_config(run: Run, out: Path) -> TrainConfig:

@@ -40,8 +40,10 @@ from xlmr_mini.kd_step import StepContext, TrainingError, train_step
 from xlmr_mini.metrics import metric_key
 from xlmr_mini.progress import Progress
 from xlmr_mini.results import best_seed, finish_seed, report
+from xlmr_mini.files import check_apart
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, publish_best,
                                remove_checkpoint, rng_state, save_best, save_checkpoint, seed_dirs)
+from xlmr_mini.run_identity import input_paths, run_identity
 from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare, resolve_run_precision
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
 
@@ -212,6 +214,8 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False,
 
 
 def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool, label: str | None) -> dict:
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    check_apart("--out", out, input_paths(cfg))  # before anything is written or cleared
     teacher = None
     needs_teacher = cfg.init == "from-teacher" or not cfg.no_kd
     if cfg.is_demo and cfg.teacher is None and arch is None and needs_teacher:
@@ -223,22 +227,30 @@ def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool, label
         arch = demo_architecture(load_task("demo", cache_dir=cfg.cache_dir))  # from-scratch takes its sizes
     setup = prepare(cfg, teacher_dir=teacher, arch=arch)
     cfg = resolve_run_precision(cfg, setup, device)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    distributed.on_main(claim_out, cfg, out)
-    runs = []
-    for seed, run_dir in seed_dirs(cfg, out):
-        done = run_dir / "results.json"
-        if cfg.resume and done.is_file():
-            runs.append(json.loads(done.read_text(encoding="utf-8")))
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        seed_label = label and (f"{label}, seed {seed}" if len(cfg.seeds) > 1 else label)
-        runs.append(run_seed(cfg, setup, seed, run_dir, device, seed_label))
-        if "stopped_at" in runs[-1]:
-            return runs[-1]
-    if len(runs) > 1:  # the best seed on dev, where a single run's model would be
-        distributed.on_main(publish_best, out / f"seed-{best_seed(runs)}" / "best", out / "best")
-    return report(cfg, setup, out, runs, quiet)
+    claim = distributed.on_main(lambda: claim_out(cfg, out, run_identity(cfg, setup.teacher_dir)))
+    work, finished = distributed.all_gather((claim.work, claim.finished) if claim else None)[0]
+    try:
+        if finished and not quiet:
+            print(f"{out}: holds this run, finished; its results follow (pass --overwrite to train it again)")
+        runs = []
+        for seed, run_dir in seed_dirs(cfg, work):
+            done = run_dir / "results.json"
+            if done.is_file():  # this run's seed (claim_out compared the identity), finished before
+                runs.append(json.loads(done.read_text(encoding="utf-8")))
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            seed_label = label and (f"{label}, seed {seed}" if len(cfg.seeds) > 1 else label)
+            runs.append(run_seed(cfg, setup, seed, run_dir, device, seed_label))
+            if "stopped_at" in runs[-1]:
+                break
+        if len(runs) > 1 and not finished and "stopped_at" not in runs[-1]:
+            # the best seed on dev, where a single run's model would be
+            distributed.on_main(publish_best, work / f"seed-{best_seed(runs)}" / "best", work / "best")
+        distributed.on_main(lambda: claim.finish())
+    finally:
+        if claim is not None:
+            claim.release()
+    return runs[-1] if "stopped_at" in runs[-1] else report(cfg, setup, out, runs, quiet)
 
 
 @cli_main

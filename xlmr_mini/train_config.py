@@ -166,7 +166,8 @@ class TrainConfig:
                              "several seeds a seed-N/ of these per seed, the summary results.json and the best "
                              "seed's best/ (default: runs/<data>-<init>[-<layers>L]-<kd|nokd>)")
     resume: bool = _field(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = _field(False, "replace a different run found in --out")
+    overwrite: bool = _field(False, "train anew in place of the run in --out (a finished one too); the old run is "
+                             "replaced only once the new one is complete (or stopped by --stop-after)")
     stop_after: int | None = _field(None, "checkpoint and stop once the run reaches this step (continue later with --resume)")
     dist_timeout: float = _field(600.0, "under torchrun: seconds a process waits for the others (a collective, or "
                                  "rank 0 writing a checkpoint) before it stops the job")
