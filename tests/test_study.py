@@ -350,7 +350,7 @@ def test_figure3_plots_window_means_read_once(tmp_path):
     from xlmr_mini.study_plan import Planner, StudySettings
     from xlmr_mini.study_report import Results, figure_title
 
-    planner = Planner(StudySettings(data="tsm:x", base="b", seeds=(1,), out=tmp_path), 2, 32)
+    planner = Planner(StudySettings(data=f"tsm:{tmp_path}", base="b", seeds=(1,), out=tmp_path), 2, 32)
     run = planner.add("figure3", "student", "evaluate", {"x": 1})
     path = planner.path(run) / "metrics.jsonl"
     path.parent.mkdir(parents=True)
