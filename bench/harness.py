@@ -110,9 +110,11 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def environment() -> str:
-    """One line naming the device and software versions."""
-    if torch.cuda.is_available():
+def environment(device: str | None = None) -> str:
+    """One line naming the device (`device` if given) and software versions."""
+    if device is not None:
+        dev = device
+    elif torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
     else:
         dev = f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)"
@@ -126,15 +128,16 @@ def environment() -> str:
 
 
 def append_results(title: str, header: str, rows: list[str], notes: str = "",
-                   path: str = os.path.join(os.path.dirname(__file__), "RESULTS.md")):
-    """Append one dated section to bench/RESULTS.md (written atomically)."""
+                   path: str = os.path.join(os.path.dirname(__file__), "RESULTS.md"), device: str | None = None):
+    """Append one dated section to bench/RESULTS.md (written atomically); `device` names what the
+    numbers come from when it is not the machine running (an ahead-of-time compile)."""
     script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.dirname(__file__)))
     command = " ".join(["python -m " + script.removesuffix(".py").replace(os.sep, "."), *sys.argv[1:]])
     section = [
         f"\n## {title}",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- device: {environment()}",
+        f"- device: {environment(device)}",
         f"- command: `{command}`",
         "",
         header,

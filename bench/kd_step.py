@@ -15,8 +15,10 @@ Implementations (`--impls`):
 - xlmr_mini: the project's default, as `python -m xlmr_mini.train` sets it up: the student and
   teacher on the task's vocabulary rows (`--kept` of them, default 34,855: what tweet_sentiment_
   multilingual's texts use; the batch draws its tokens from them), `--precision auto` resolved on
-  this machine, the initial full embedding rows held for writing the full-vocabulary model.
+  this machine, the initial full embedding rows held for writing the full-vocabulary model, and
+  training's default `--kd-impl` (the row is labelled with it).
 - xlmr_mini-fp32, xlmr_mini-bf16: the same with the precision pinned.
+- xlmr_mini-fused: the default with `--kd-impl fused` (the Triton kernels on a GPU).
 - xlmr_mini-full-vocab: fp32 on the whole 250,002-row table (`--no-trim`).
 - xlmr_mini-compiled: the default with `--compile`'s compiled forward+loss.
 
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 
 from bench.harness import append_results, measure, rss_mb
 
-IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16",
+IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16", "xlmr_mini-fused",
          "xlmr_mini-full-vocab", "xlmr_mini-compiled")
 DEFAULT_IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16")
 TSM_KEPT = 34_855  # distinct XLM-R pieces over every tweet_sentiment_multilingual split, plus specials
@@ -144,7 +146,25 @@ def transformers_step(args, t, s, device, bf16):
     return step
 
 
-def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
+def kd_impl(impl: str) -> str:
+    """The KD loss implementation an xlmr_mini row runs: training's default unless named."""
+    from xlmr_mini.train_config import TrainConfig
+
+    return "fused" if impl == "xlmr_mini-fused" else TrainConfig().kd_impl
+
+
+def kd_label(impl: str, device) -> str:
+    """What computes an implementation's KD loss, for its row: fused runs PyTorch where Triton does
+    not run (CPU without TRITON_INTERPRET=1)."""
+    from xlmr_mini.kernels import _dispatch
+
+    if not impl.startswith("xlmr_mini"):
+        return "-"
+    name = kd_impl(impl)
+    return name if name != "fused" or _dispatch._triton_for(device.type) else "fused (PyTorch fallback)"
+
+
+def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl):
     from xlmr_mini.checkpoint import build_model, hf_state_dict
     from xlmr_mini.config import XLMRConfig
     from xlmr_mini.data import default_cache_dir
@@ -174,7 +194,7 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled):
     if vocab is not None:
         vocab = VocabTrim(kept=vocab.kept, full_size=args.vocab, initial_rows=initial_rows)
     proj = HiddenProjection(s["hidden"], t["hidden"], "linear").to(device)
-    loss_cfg = KDLossConfig(att_target=args.att_target, impl="fused" if device.type == "cuda" else "reference")
+    loss_cfg = KDLossConfig(att_target=args.att_target, impl=loss_impl)
     params = list(student.parameters()) + list(proj.parameters())
     opt = make_optimizer(params, 5e-5, 0.0)
     divisor = t["layers"] // s["layers"]
@@ -201,7 +221,7 @@ def build(args, impl, t, s, device, shared=None):
         return transformers_step(args, t, s, device, precision == "bf16"), precision, args.vocab
     wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
     trimmed = impl != "xlmr_mini-full-vocab"
-    step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, compiled=impl.endswith("compiled"))
+    step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, impl.endswith("compiled"), kd_impl(impl))
     return step, precision, len(kept_vocab(args)) if trimmed else args.vocab
 
 
@@ -253,6 +273,7 @@ def run_one(args):
                       "batch": args.batch, "samples_per_s": m.rate, "s_per_step": m.median_s,
                       "spread_s": m.spread_s, "peak_mb": m.peak_mem_mb, "first_step_s": first_s,
                       "precision": precision, "device": device_name, "vocab_rows": rows,
+                      "kd_impl": kd_label(impl, device),
                       **({"epoch_examples": real_data(args)[2]} if args.data else {})}))
 
 
@@ -312,14 +333,15 @@ def main(argv=None):
                     continue
                 speed = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
                 mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base else "-"
-                rows.append(f"| 6L/{student_hidden} | {seq or 'tsm (dynamic)'} | {impl} | {r['precision']} | {r['vocab_rows']:,} "
+                rows.append(f"| 6L/{student_hidden} | {seq or 'tsm (dynamic)'} | {impl} | {r['kd_impl']} | {r['precision']} "
+                            f"| {r['vocab_rows']:,} "
                             f"| {r['s_per_step'] * 1e3:,.0f} ± {r['spread_s'] * 1e3:,.0f} | {r['samples_per_s']:,.2f} "
                             f"| {speed} | {r['peak_mb']:,.0f} | {mem} | {r['first_step_s']:,.1f} |")
                 print(rows[-1], flush=True)
                 if args.data:
                     notes.append(f"{impl}: est. {r['epoch_examples'] / r['samples_per_s'] / 60:,.1f} min per epoch "
                                  f"of {r['epoch_examples']:,} tweets (6L/{student_hidden})")
-    header = ("| student | seq | implementation | precision | vocabulary rows | ms/step (median ± half-range) "
+    header = ("| student | seq | implementation | KD loss | precision | vocabulary rows | ms/step (median ± half-range) "
               "| samples/s | speed vs transformers fp32 | peak MB | memory vs transformers fp32 | first step s |")
     title = (f"KD train step, teacher 12L/768 -> students 6L, vocab {args.vocab:,} (task rows {args.kept:,}), "
              f"batch {args.batch}, attention target {args.att_target}")

@@ -33,7 +33,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
-from bench.harness import append_results  # noqa: E402
+from bench.harness import append_results, cpu_model  # noqa: E402
 from xlmr_mini.kernels import _dispatch  # noqa: E402
 
 # The modules, not the same-named functions `xlmr_mini.kernels` exports.
@@ -255,8 +255,12 @@ def main(argv=None):
         return
     header, lines = table(rows)
     if args.record:
-        title = f"Triton kernels compiled ahead of time for sm_80 / sm_90 ({args.shapes} shapes)"
-        append_results(title, header, lines, notes=NOTES)
+        import triton
+
+        title = (f"Triton kernels compiled ahead of time for sm_80 / sm_90 ({args.shapes} shapes), "
+                 f"Triton {triton.__version__}")
+        device = f"AOT compile for sm_80 / sm_90, no GPU (on CPU: {cpu_model()})"
+        append_results(title, header, lines, notes=NOTES, device=device)
     else:
         print("\n".join([header, "|" + "---|" * (header.count("|") - 1), *lines]))
     failed = [r for r in rows if r["error"] or r["stack"] > r["max_stack_bytes"]

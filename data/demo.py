@@ -11,7 +11,7 @@ is possible through cognates and loanwords but not trivial.
 
 Everything comes from a seeded generator that only uses `random.Random.random()` (the one method
 whose sequence Python guarantees across versions), so the bytes are the same on every run. A Unigram
-tokenizer like XLM-R's, with its special-token ids (<s>=0, <pad>=1, </s>=2, <unk>=3; <mask>=4), is
+tokenizer like XLM-R's, with its special-token ids (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask> last), is
 trained on the train text. Both are cached under `{cache}/demo/v{DEMO_VERSION}/`, checked against a
 manifest of hashes.
 """
@@ -40,7 +40,7 @@ NOUNS_PER_TOPIC, LOAN_NOUNS_PER_TOPIC = 10, 3
 VERBS_PER_ACT, LOAN_VERBS_PER_ACT = 5, 1
 N_ADJECTIVES, N_FILLERS, N_NAMES = 40, 25, 150
 VOCAB_SIZE = 1000  # small enough that rarer words split into pieces that cognates share
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..3 as in XLM-R (its <mask> is last)
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..3 and <mask> last, as in XLM-R
 
 # Two families, each with its own sound inventory; a language = family roots + its sound changes.
 FAMILIES = {
@@ -156,13 +156,13 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> str:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                  pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS[:-1],
                                                        show_progress=False))
     counts = collections.Counter(i for e in bpe.encode_batch(texts, add_special_tokens=False) for i in e.ids)
     ids = bpe.get_vocab()
     total = sum(counts.values()) + len(ids)
     vocab = [(piece, 0.0 if piece in SPECIAL_TOKENS else math.log((counts[i] + 1) / total))
-             for piece, i in sorted(ids.items(), key=lambda item: item[1])]
+             for piece, i in sorted(ids.items(), key=lambda item: item[1])] + [("<mask>", 0.0)]
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     return json.dumps(transformers_pipeline(json.loads(tokenizer.to_str())), ensure_ascii=False)

@@ -106,5 +106,13 @@ def launch(kernel, config: LaunchConfig, *args) -> None:
     if _recorded is not None:
         _recorded.append(Launch(kernel, args, config))
         return
-    kernel[config.grid](*args, **config.constexprs, num_warps=config.num_warps,
-                        num_stages=config.num_stages)
+    with _device_of(args):
+        kernel[config.grid](*args, **config.constexprs, num_warps=config.num_warps,
+                            num_stages=config.num_stages)
+
+
+def _device_of(args):
+    """Triton launches on the current CUDA device, not the inputs': make theirs current (cuda:1
+    under `--device cuda:1` while cuda:0 is current)."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

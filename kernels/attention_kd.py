@@ -38,7 +38,7 @@ The probabilities variant assumes no attention bias besides the padding mask (XL
 Dispatch: Triton on CUDA tensors or under TRITON_INTERPRET=1, else the references.
 
 Hardware: correctness checked on CPU through the interpreter only. Compiled ahead of time for
-sm_80 (A100) and sm_90 (H100) with Triton 3.9 (`python -m bench.kernels_aot`): at the launch
+sm_80 (A100) and sm_90 (H100) with Triton 3.6 and 3.9 (`python -m bench.kernels_aot`): at the launch
 configs `map_mse_config` and `score_mse_config` pick, no kernel spills registers and each fits
 2-4 blocks per SM (tests/test_kernels_aot.py holds that). GPU speed not yet measured.
 """
@@ -367,7 +367,11 @@ def score_mse_config(L: int, B: int, H: int, T: int, d_s: int, d_t: int, dtypes,
     # the operands than on tensor cores; 8 warps share a 32 x 32 or 32 x 64 tile (4 warps spilled
     # 8-32 B at 32 x 32), and one stage (T <= 128 makes at most two key blocks to overlap) keeps
     # shared memory at 48 KB or less. bf16 dots run on tensor cores: 4 warps, two stages. TF32
-    # would cost ~1e-3 relative error, beyond what the fp32 path is tested to.
+    # would cost ~1e-3 relative error, beyond what the fp32 path is tested to. The probabilities
+    # forward holds the log-sum-exp pass's state too: with 64-key tiles at two stages it spilled
+    # 24 B per thread in bf16 on sm_80 under Triton 3.6 (168 registers; 3.9: 143, none), so those
+    # tiles take one stage, spill-free under both, at little cost: T <= 128 makes at most two key
+    # blocks to overlap. Smaller tiles keep two (one stage spilled 8 B on sm_90 under 3.9 at T 32).
     meta = dict(PRECISION="ieee" if fp32 else "tf32", UPCAST=upcast_dots(dtypes, interpreted),
                 PROBS=probs, BLOCK_DS=max(next_power_of_2(d_s), 16),
                 BLOCK_DT=max(next_power_of_2(d_t), 16))
@@ -376,8 +380,9 @@ def score_mse_config(L: int, B: int, H: int, T: int, d_s: int, d_t: int, dtypes,
     else:
         meta.update(A_IS_QUERY=part == "dq", BLOCK_A=block_own, BLOCK_B=block_loop)
     big_fp32 = fp32 and block_own * block_loop >= 1024
+    one_stage = fp32 or (probs and part == "fwd" and block_loop == 64)
     return LaunchConfig(grid=(L * B * H, cdiv(T, block_own)), num_warps=8 if big_fp32 else 4,
-                        num_stages=1 if fp32 else 2, constexprs=meta)
+                        num_stages=1 if one_stage else 2, constexprs=meta)
 
 
 def _qk_config(q_s, q_t, probs, part):

@@ -71,3 +71,17 @@ def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1, seed: int
         ids[row, 0], ids[row, n - 1] = 0, 2
     ids[mask == 0] = pad_id
     return ids, mask
+
+
+def tiny_demo_model(cache: Path, path: Path) -> Path:
+    """A random 2-layer, 32-wide HF directory over the demo's vocabulary and labels, with its
+    tokenizer: a teacher or base for runs whose scores do not matter."""
+    from xlmr_mini.checkpoint import save_hf
+    from xlmr_mini.copy_weights import scratch_state_dict
+    from xlmr_mini.data import build_demo
+    from xlmr_mini.demo_models import demo_architecture
+
+    task = build_demo(cache)
+    arch = demo_architecture(task).replace(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=48)
+    return save_hf(path, arch, scratch_state_dict(arch, 0), task.tokenizer_path)

@@ -9,12 +9,13 @@ import pytest
 
 import xlmr_mini
 from conftest import REPO
-from xlmr_mini import check, copy_weights, evaluate, study, trim
+from xlmr_mini import check, copy_weights, evaluate, predict, study, trim
 from xlmr_mini.data import __main__ as data_cli
 from xlmr_mini.train_config import _parser as train_parser, parse_config
 
 PARSERS = {"train": train_parser, "evaluate": evaluate._parser, "copy_weights": copy_weights._parser,
-           "trim": trim._parser, "study": study._parser, "check": check._parser, "data": data_cli._parser}
+           "trim": trim._parser, "study": study._parser, "check": check._parser, "data": data_cli._parser,
+           "predict": predict._parser}
 OLD_SPELLINGS = ("--train-langs", "--seeds", "--fraction")
 
 

@@ -23,6 +23,7 @@ from xlmr_mini.checkpoint import save_hf
 from xlmr_mini.copy_weights import scratch_state_dict
 from xlmr_mini.data import build_demo
 from xlmr_mini.demo_models import demo_architecture
+from xlmr_mini import distributed
 from xlmr_mini.distributed import TORCHRUN_VARS, share_rows
 from xlmr_mini.errors import InputError
 from xlmr_mini.run_setup import check_inputs
@@ -50,12 +51,13 @@ def teacher(cache, tmp_path_factory) -> Path:
     return out
 
 
-def _args(teacher: Path, cache: Path, out: Path, steps: int, eval_steps: int) -> list[str]:
-    # --hidden 32: a narrower student, so the projection trains under DDP too.
+def _args(teacher: Path, cache: Path, out: Path, steps: int, eval_steps: int, device: str = "cpu") -> list[str]:
+    # --hidden 32: a narrower student, so the projection trains under DDP too. --device cpu: gloo
+    # on CPU processes even on a GPU machine (where auto would pick nccl, one GPU per rank).
     return ["--init", "from-teacher", "--teacher", str(teacher), "--layers", "1", "--hidden", "32",
             "--batch-size", "16", "--max-steps", str(steps), "--eval-steps", str(eval_steps),
             "--cache-dir", str(cache), "--num-threads", "1", "--keep-checkpoint", "--out", str(out), "--dropout", "0",
-            "--attention-dropout", "0"]
+            "--attention-dropout", "0", "--device", device]
 
 
 def _free_port() -> int:
@@ -115,6 +117,18 @@ def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path, a
     assert out.count("wrote ") == 1  # only rank 0 prints the summary
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl: needs 2 GPUs, one per process")
+def test_two_gpu_processes_over_nccl_train_the_one_gpu_weights(teacher, cache, tmp_path):
+    main(_args(teacher, cache, tmp_path / "one", 6, 3, device="cuda"))
+    code, out = _finish(_torchrun(_args(teacher, cache, tmp_path / "two", 6, 3, device="cuda"), uuid.uuid4().hex))
+    assert code == 0, out[-3000:]
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)  # GPU reductions: another order
+    two = [r for r in _records(tmp_path / "two") if r["type"] == "train"]
+    one = [r for r in _records(tmp_path / "one") if r["type"] == "train"]
+    assert [r["step"] for r in two] == list(range(1, 7)) and all(r["world_size"] == 2 for r in two)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+
+
 def _worker_pid(run_id: str, rank: int) -> int | None:
     """The pid of torchrun run `run_id`'s worker `rank` (found by its environment)."""
     wanted = {f"TORCHELASTIC_RUN_ID={run_id}".encode(), f"RANK={rank}".encode()}
@@ -166,6 +180,27 @@ def test_batch_shares_cover_every_row_once_with_similar_token_counts():
         tokens = [sum(lengths[i] for i in s) for s in shares]
         assert max(tokens) - min(tokens) <= max(lengths), (world, tokens)
     assert [share_rows([4, 6], r, 4) for r in range(4)] == [[1], [0], [], []]  # a short last batch
+
+
+def _torchrun_env(monkeypatch, local_rank: int, gpus: int) -> None:
+    for name, value in zip(TORCHRUN_VARS, ("1", "2", str(local_rank), "127.0.0.1", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
+
+@pytest.mark.parametrize("local_rank, gpus, expected", [(1, 1, "cuda:0"), (0, 1, "cuda:0"), (1, 2, "cuda:1"),
+                                                        (3, 8, "cuda:3")])
+def test_each_rank_takes_its_local_gpu_or_the_one_it_was_given(monkeypatch, local_rank, gpus, expected):
+    """One visible GPU per process (Slurm's per-task binding) is that process's GPU, whatever
+    its local rank; with several visible, local rank N takes cuda:N."""
+    _torchrun_env(monkeypatch, local_rank, gpus)
+    assert distributed._local_device(torch.device("cuda")) == torch.device(expected)
+
+
+def test_a_local_rank_beyond_several_visible_gpus_is_bad_input(monkeypatch):
+    _torchrun_env(monkeypatch, 2, 2)
+    with pytest.raises(InputError, match="local rank 2 has no GPU of its own \\(2 visible\\)"):
+        distributed._local_device(torch.device("cuda"))
 
 
 def test_fused_kernels_under_torchrun_are_bad_input(monkeypatch):

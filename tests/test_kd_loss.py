@@ -1,5 +1,6 @@
 """The KD loss reference (paper §2.1) against hand computations, gradcheck, and the fused path."""
 import dataclasses
+import importlib
 import math
 
 import pytest
@@ -149,13 +150,25 @@ def _tiny(layers: int, seed: int) -> XLMRClassifier:
 
 
 @pytest.mark.parametrize("target", ["scores", "probs"])
-def test_fused_path_matches_reference_on_real_taps(target):
-    """Through the model's taps: qk + fused kernels (interpreter on CPU) vs maps + reference."""
+def test_fused_path_matches_reference_on_real_taps(target, monkeypatch):
+    """Through the model's taps: qk + fused kernels vs maps + reference, on a GPU where there is
+    one (the compiled kernels), else on CPU (Triton's interpreter). The kernels must have run: a
+    fused path that fell back to the reference would pass by comparing it with itself."""
     from conftest import padded_batch
+    from xlmr_mini.kernels import _dispatch
 
-    teacher, student = _tiny(4, 0), _tiny(2, 1)
-    ids, mask = padded_batch(50, [7, 3, 5])
-    labels = torch.tensor([0, 2, 1])
+    launched = []
+
+    def counting(kernel, *args):
+        launched.append(kernel)
+        return _dispatch.launch(kernel, *args)
+
+    for module in ("attention_kd", "layer_mse"):  # the modules, not the same-named functions
+        monkeypatch.setattr(importlib.import_module(f"xlmr_mini.kernels.{module}"), "launch", counting)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher, student = _tiny(4, 0).to(device), _tiny(2, 1).to(device)
+    ids, mask = (x.to(device) for x in padded_batch(50, [7, 3, 5]))
+    labels = torch.tensor([0, 2, 1], device=device)
     results = []
     for impl in ("reference", "fused"):
         cfg = KDLossConfig(att_target=target, impl=impl)
@@ -166,6 +179,10 @@ def test_fused_path_matches_reference_on_real_taps(target):
         total, terms = kd_loss(s_out, t_out, labels, mask, cfg, layer_map=[1, 3])
         total.backward()
         results.append((terms, [p.grad.clone() for p in student.parameters()]))
+        assert bool(launched) == (impl == "fused"), (impl, launched)
+    # layer MSE (hidden states, embeddings), the Q/K forward, its dQ and dK backward launches
+    assert {k.fn.__name__ for k in launched} == {
+        "_layer_mse_kernel", "_score_mse_fwd_kernel", "_score_mse_bwd_kernel"}
     (terms_r, grads_r), (terms_f, grads_f) = results
     for name in terms_r:
         torch.testing.assert_close(terms_f[name], terms_r[name], atol=1e-6, rtol=1e-5)

@@ -309,7 +309,8 @@ def test_reference_fallback_without_interpreter(monkeypatch):
                     (attention_prob_mse, attention_prob_mse_reference)]:
         torch.testing.assert_close(fn(q_s, k_s, q_t, k_t, mask_q),
                                    ref(q_s, k_s, q_t, k_t, mask_q), rtol=0, atol=0)
-    a_s, a_t, mask_a = _map_inputs(1, [6, 3], 2, 6)
+    a_s, a_t, mask_a = (x.cpu() for x in _map_inputs(1, [6, 3], 2, 6))  # on a GPU the kernel would run
+    assert not _dispatch.use_triton(a_s)
     torch.testing.assert_close(attention_map_mse(a_s, a_t, mask_a),
                                attention_map_mse_reference(a_s, a_t, mask_a), rtol=0, atol=0)
 

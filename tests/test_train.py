@@ -1,6 +1,7 @@
 """`python -m xlmr_mini.train`: end to end on the demo and on real tweets, resume, bad input, compile."""
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from xlmr_mini.errors import InputError
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
 from xlmr_mini.model import XLMRClassifier, init_weights
 from xlmr_mini.demo_models import demo_architecture
-from xlmr_mini.kd_step import compile_forward_loss, forward_loss
+from xlmr_mini.kd_step import compile_forward_loss, forward_loss, train_step
 from xlmr_mini.train import main, train
 from xlmr_mini.train_config import DEMO_LR, TrainConfig
 
@@ -156,6 +157,29 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(demo_teacher, cache, tmp_path,
     err = capsys.readouterr().err
     assert e.value.code == 1 and "step 5" in err and "nan" in err and "checkpoint" in err
     assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 3
+
+
+def test_deterministic_flag_holds_during_the_run_only(demo_teacher, cache, tmp_path, monkeypatch):
+    """--deterministic: PyTorch's deterministic algorithms and the cuBLAS workspace setting during
+    every step, both as before afterwards; on CPU the numbers are those of a run without it."""
+    import xlmr_mini.train as train_module
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return train_step(*args, **kwargs)
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(train_module, "train_step", recording)
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "1", "--max-steps", "3",
+              "--cache-dir", str(cache), "--num-threads", "1"]
+    main(common + ["--out", str(tmp_path / "plain")])
+    main(common + ["--out", str(tmp_path / "det"), "--deterministic"])
+    assert seen == [(False, None)] * 3 + [(True, ":4096:8")] * 3
+    assert not torch.are_deterministic_algorithms_enabled()
+    losses = [[r["loss"] for r in _records(tmp_path / run) if r["type"] == "train"] for run in ("plain", "det")]
+    assert losses[0] == losses[1]
 
 
 @pytest.mark.parametrize("case", ["unknown-init", "no-teacher", "labels", "different-run"])

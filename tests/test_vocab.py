@@ -1,4 +1,5 @@
 """Exact vocabulary trimming (`xlmr_mini.vocab`, `python -m xlmr_mini.trim`) and `--precision`."""
+import contextlib
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from xlmr_mini.checkpoint import load_model, save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
 from xlmr_mini.data import EncodedSplit, load_task
+from xlmr_mini.errors import InputError
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
 from xlmr_mini.kd_step import forward_loss, make_optimizer
 from xlmr_mini.model import XLMRClassifier, init_weights
@@ -196,6 +198,31 @@ def test_precision_auto_resolves_and_caches_the_probe(tmp_path, monkeypatch):
     for speedup, want in ((0.3, "fp32"), (4.0, "bf16")):  # the cached result decides, no new probe
         cached.write_text(json.dumps({**probe, "speedup": speedup}))
         assert hardware.resolve_precision("auto", cpu, 768, tmp_path) == want
+
+
+def test_precision_asks_the_runs_gpu_for_native_bf16(tmp_path, monkeypatch):
+    """cuda:1 is a V100 (bf16 only emulated) while the current device, cuda:0, is an A100: auto
+    gives fp32 on cuda:1 and bf16 on cuda:0, and bf16 on cuda:1 is bad input. Stand-ins for the
+    CUDA calls: the device guard sets the current device, `is_bf16_supported` answers for it."""
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        current.append(torch.device(d).index)
+        yield
+        current.pop()
+
+    def is_bf16_supported(including_emulation=True):
+        return current[-1] == 0 or including_emulation  # cuda:1: emulated only
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    v100, a100 = torch.device("cuda", 1), torch.device("cuda", 0)
+    assert hardware.resolve_precision("auto", v100, 768, tmp_path) == "fp32"
+    assert hardware.resolve_precision("auto", a100, 768, tmp_path) == "bf16"
+    with pytest.raises(InputError, match="--precision bf16: Tesla V100 does not support bfloat16"):
+        hardware.resolve_precision("bf16", v100, 768, tmp_path)
 
 
 def test_bf16_kd_step_tracks_fp32():

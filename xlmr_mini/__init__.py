@@ -14,8 +14,10 @@ Module map. Three layers; a module imports only from its own layer or the layers
   (exact vocabulary trimming: kept ids, remapping, trimmed state dicts and tokenizers).
 - applications: `train` (the CLI and the loop) with its parts `train_config` (flags),
   `run_setup` (data, models, step context), `run_dir` (checkpoints, metrics.jsonl, out-dir
-  claims), `results` (scores and summaries) and `demo_models` (the demo's teacher and base);
-  `evaluate`, `check`, `trim` (a saved model and its tokenizer trimmed to a dataset's tokens);
+  claims and locks), `run_identity` (what makes two runs the same: settings and input content),
+  `results` (scores and summaries) and `demo_models` (the demo's teacher and base);
+  `evaluate`, `check`, `predict` (a file of texts classified), `trim` (a saved model and its
+  tokenizer trimmed to a dataset's tokens);
   `study` (the paper's tables and figures in one command) with `study_plan` (which runs),
   `select_teacher` (the best of the teacher seeds), `study_estimate` (step rates) and
   `study_report` (tables, figures); `__main__` (`python -m xlmr_mini` lists the commands); and the
@@ -31,7 +33,7 @@ LAYERS = {
     "core": ("config", "model", "checkpoint", "tokenizer", "errors", "files", "hardware"),
     "library": ("copy_weights", "kd_loss", "kernels", "data", "metrics", "inference", "kd_step", "progress",
                 "distributed", "vocab"),
-    "application": ("train", "train_config", "run_setup", "run_dir", "results", "demo_models", "evaluate", "check",
-                    "trim", "study", "study_plan", "select_teacher", "study_estimate", "study_report", "bench",
-                    "__main__"),
+    "application": ("train", "train_config", "run_setup", "run_dir", "run_identity", "results", "demo_models",
+                    "evaluate", "check", "predict", "trim", "study", "study_plan", "select_teacher", "study_estimate",
+                    "study_report", "bench", "__main__"),
 }

@@ -108,7 +108,7 @@ def checked_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[in
     return kept, ignored
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
@@ -152,7 +152,7 @@ def read_hf_state_dict(path: str | Path, init_missing_classifier: bool = True) -
     shapes = expected_shapes(cfg)
     state: dict[str, torch.Tensor] = {}
     ignored: set[str] = set()
-    for file in _weight_files(path):
+    for file in weight_files(path):
         tensors, dropped = checked_tensors(_read_tensors(file), shapes, source=str(file))
         state.update(tensors)
         ignored |= dropped
@@ -214,7 +214,7 @@ def save_hf(path: str | Path, cfg: XLMRConfig, hf_state: dict[str, torch.Tensor]
     atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(path / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer_file is not None:
-        save_tokenizer(path, tokenizer_file, cfg.max_position_embeddings - cfg.pad_token_id - 1)
+        save_tokenizer(path, tokenizer_file, cfg.max_tokens)
     return path
 
 

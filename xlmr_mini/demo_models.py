@@ -135,7 +135,7 @@ def _pretrain_base(final: Path, cache_dir, quiet: bool) -> None:
     model = build_model(arch, scratch_state_dict(arch, b["seed"])).train()
     head = MaskedLMHead(arch, model.embed.word)
     tok = Tokenizer(task.tokenizer_path)
-    mask_id = tok.mask_id  # 4: the demo tokenizer's special tokens are ids 0-4
+    mask_id = tok.mask_id  # the last id, as in XLM-R
     enc = encode_split(task.splits["train"], tok, 128, cache_dir=cache_dir)
     steps_per_epoch = len(epoch_batches(enc, b["batch_size"], seed=b["seed"], epoch=0, pad_id=tok.pad_id))
     total = b["epochs"] * steps_per_epoch
@@ -147,7 +147,7 @@ def _pretrain_base(final: Path, cache_dir, quiet: bool) -> None:
     for epoch in range(b["epochs"]):
         for batch in epoch_batches(enc, b["batch_size"], seed=b["seed"], epoch=epoch, pad_id=tok.pad_id):
             ids, mask = batch["input_ids"], batch["attention_mask"]
-            inputs, labels = mask_tokens(ids, mask.bool() & (ids > mask_id), mask_id, arch.vocab_size, b["mask_prob"], g)
+            inputs, labels = mask_tokens(ids, mask.bool() & (ids > 3), mask_id, arch.vocab_size, b["mask_prob"], g)
             h = model(inputs, mask, last).hidden[-1]  # [B, T, D]
             keep = labels != -100
             loss = F.cross_entropy(head(h[keep]), labels[keep])

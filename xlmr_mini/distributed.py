@@ -5,10 +5,13 @@ every function here is then a no-op (or the identity).
     torchrun --nproc_per_node 2 -m xlmr_mini.train ...
 
 - Process group: `init` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-  MASTER_PORT); nccl on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on CPU. Every
+  MASTER_PORT); nccl on CUDA (one GPU per process: cuda:LOCAL_RANK, or cuda:0 when the launcher
+  leaves each process one visible GPU), gloo on CPU. Every
   collective has a timeout (`--dist-timeout`): a rank that dies or hangs makes the others stop
   with `PeerLost` instead of waiting forever (gloo sees a closed connection at once; nccl waits
-  for the timeout), and torchrun then stops the job and names the failed rank.
+  for the timeout), and torchrun then stops the job and names the failed rank. Under nccl,
+  collectives are asynchronous: the failure surfaces in PyTorch's watchdog thread, which ends
+  the process at the timeout, so `PeerLost` (and its "--resume" hint) is seen on gloo only.
 - Data: every rank builds the same global batch (the order is a function of the seed alone) and
   takes its share of the rows (`shard_batch`): rows dealt out by length, so ranks get similar
   token counts. Rows keep the global batch's padded length, so TinyBERT's padded means see the
@@ -21,6 +24,7 @@ every function here is then a no-op (or the identity).
 """
 import contextlib
 import datetime
+import inspect
 import os
 
 import torch
@@ -74,6 +78,8 @@ def _local_device(device: torch.device) -> torch.device:
     if device.type != "cuda" or not launched():
         return device
     local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.device_count() == 1:  # a launcher that binds one GPU to each process (Slurm)
+        return torch.device("cuda", 0)
     if local >= torch.cuda.device_count():
         raise InputError(f"torchrun: local rank {local} has no GPU of its own ({torch.cuda.device_count()} visible); "
                          f"use --nproc_per_node at most the GPU count")
@@ -87,11 +93,15 @@ def shutdown() -> None:
 
 def wrap(module: torch.nn.Module) -> torch.nn.Module | None:
     """`module` under DistributedDataParallel, or None on one process. Inputs are already on the
-    module's device (no device_ids: DDP moves nothing)."""
+    module's device (no device_ids: DDP moves nothing). Buffers are not re-sent before every
+    forward: the only one, `HiddenProjection.index`, never changes."""
     if not active():
         return None
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed the switch (and deprecated the old name); 2.11 and 2.12 know the old one.
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
     with collective("wrapping the model in DDP"):
-        return torch.nn.parallel.DistributedDataParallel(module)
+        return ddp(module, **{name: False})
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

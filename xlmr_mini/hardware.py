@@ -8,8 +8,10 @@ torch version. Models narrower than `MIN_BF16_HIDDEN` stay fp32: their matmuls a
 bf16 to pay for autocast's casts (the demo's 128-wide models run no faster), and fp32 keeps their
 runs reproducible.
 """
+import contextlib
 import hashlib
 import json
+import os
 import platform
 import re
 import time
@@ -40,19 +42,50 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """Within the block, PyTorch's deterministic algorithms (SDPA's memory-efficient backward,
+    index_add, ... switch to their deterministic versions; an op with none raises) and a fixed
+    cuBLAS workspace (cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it first starts; a value the user
+    set is kept). Does nothing when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def resolve_precision(name: str, device: torch.device, hidden_size: int, cache_dir: str | Path) -> str:
     """`fp32` or `bf16` for `--precision name` on `device` for models `hidden_size` wide."""
     if name not in PRECISIONS:
         raise InputError(f"--precision {name!r}: choose one of {', '.join(PRECISIONS)}")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bf16" and device.type == "cuda" and not cuda_bf16(device):
         raise InputError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
     if name != "auto":
         return name
     if hidden_size < MIN_BF16_HIDDEN:
         return "fp32"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_bf16(device) else "fp32"
     return "bf16" if cpu_bf16_speedup(cache_dir)["speedup"] >= MIN_BF16_SPEEDUP else "fp32"
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether the GPU `device` (not the current one) computes in bfloat16 natively (Ampere and
+    later). Emulated bf16 (V100, T4) does not count: it is slower than fp32 there."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on a GPU `device` (CPU work is done when its call returns)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def cpu_model() -> str:

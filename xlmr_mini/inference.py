@@ -33,24 +33,31 @@ def to_model_labels(split: Split, remap: np.ndarray) -> Split:
 
 
 @torch.no_grad()
-def predict(model: XLMRClassifier, enc, batch_size: int = 64, bf16: bool = False) -> np.ndarray:
-    """Predicted label ids, in the split's order (batches run shortest first, then map back; under
-    torchrun sharded over the ranks and gathered)."""
+def predict_logits(model: XLMRClassifier, enc, batch_size: int = 64, bf16: bool = False, progress=None) -> np.ndarray:
+    """float32 logits [N, labels], in the split's order (batches run shortest first, then map back;
+    under torchrun sharded over the ranks and gathered). `progress.update(batches done)` if given."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    preds = np.zeros(len(enc), dtype=np.int64)
+    logits = np.zeros((len(enc), model.cfg.num_labels), dtype=np.float32)
     batches = epoch_batches(enc, batch_size, seed=0, epoch=0, shuffle=False,
                             pad_id=model.cfg.pad_token_id, sort_by_length=True)
     mine = []
-    for batch in batches[distributed.rank()::distributed.world_size()]:
+    for step, batch in enumerate(batches[distributed.rank()::distributed.world_size()], 1):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
-        mine.append((batch["index"].numpy(), logits.argmax(-1).cpu().numpy()))
-    for index, pred in (part for rank_parts in distributed.all_gather(mine) for part in rank_parts):
-        preds[index] = pred
+            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
+        mine.append((batch["index"].numpy(), out.float().cpu().numpy()))
+        if progress is not None:
+            progress.update(step)
+    for index, part in (part for rank_parts in distributed.all_gather(mine) for part in rank_parts):
+        logits[index] = part
     model.train(was_training)
-    return preds
+    return logits
+
+
+def predict(model: XLMRClassifier, enc, batch_size: int = 64, bf16: bool = False) -> np.ndarray:
+    """Predicted label ids, in the split's order (see `predict_logits`)."""
+    return predict_logits(model, enc, batch_size, bf16).argmax(-1)
 
 
 def evaluate(model: XLMRClassifier, enc, batch_size: int = 64, unseen: frozenset[str] = frozenset(),

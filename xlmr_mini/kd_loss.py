@@ -116,8 +116,9 @@ class LossCounts:
     def of(cls, mask: torch.Tensor) -> "LossCounts":
         n = mask.bool().sum(dim=1)  # [B]
         b, t = mask.shape
-        return cls.unstack(torch.stack([n.new_tensor(b), n.sum(), n.square().sum(), n.new_tensor(b * t),
-                                        n.new_tensor(b * t * t)]))
+        # new_full, not new_tensor: filled on the mask's device, no host-to-device copy per step.
+        return cls.unstack(torch.stack([n.new_full((), b), n.sum(), n.square().sum(), n.new_full((), b * t),
+                                        n.new_full((), b * t * t)]))
 
     def stack(self) -> torch.Tensor:
         return torch.stack([getattr(self, f.name) for f in dataclasses.fields(self)])  # [5]

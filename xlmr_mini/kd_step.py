@@ -110,6 +110,9 @@ def train_step(ctx: StepContext, batch: dict, device, real: bool = True, accum: 
     (dealt out by length, as ranks share a batch), each with the whole batch's denominators, so
     the parts' losses add up to the batch's loss and their gradients to its gradient.
 
+    The values are read from the device once per step, after backward and clipping and before
+    `optimizer.step()`: one GPU-to-host sync, where reading each term took six.
+
     Data parallel (`ctx.parallel`): `batch` is this rank's share of the global batch (`real`
     False: a stand-in row for a rank left without one, which counts for nothing). The loss's
     denominators are the global batch's (all-reduced counts), so each rank's loss is its part of
@@ -119,9 +122,10 @@ def train_step(ctx: StepContext, batch: dict, device, real: bool = True, accum: 
     mask = batch["attention_mask"]
     counts = None
     if ctx.parallel is not None:
-        counts = LossCounts.unstack(distributed.all_reduce_sum(LossCounts.of(mask.to(device)).stack() * int(real)))
+        local = LossCounts.of(to_device(mask, device)).stack() * int(real)
+        counts = LossCounts.unstack(distributed.all_reduce_sum(local))
     elif accum > 1:
-        counts = LossCounts.of(mask.to(device))
+        counts = LossCounts.of(to_device(mask, device))
     parts = micro_batches(batch, accum)
     summed, names = 0, ()
     for i, part in enumerate(parts):
@@ -130,15 +134,16 @@ def train_step(ctx: StepContext, batch: dict, device, real: bool = True, accum: 
         names = tuple(terms)
     if ctx.parallel is not None:
         summed = distributed.all_reduce_sum(summed * int(real))  # the global batch's loss and terms
-    values = {"loss": summed[0].item(), **{k: v.item() for k, v in zip(names, summed[1:])}}
-    # Each term's share of the total, so a term that swamps the others (or a starved L_clf) shows.
-    weights = ctx.loss_cfg.weights()
-    values["share"] = {k: weights[k] * values[k] / values["loss"] if values["loss"] else 0.0 for k in names}
-    if not math.isfinite(values["loss"]):
-        ctx.optimizer.zero_grad(set_to_none=True)
-        raise TrainingError(f"the loss became {values['loss']} ({', '.join(f'{k}={values[k]:.4g}' for k in names)})")
     if ctx.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(ctx.params, ctx.max_grad_norm)
+    loss, *term_values = summed.tolist()  # the step's one device-to-host sync
+    values = {"loss": loss, **dict(zip(names, term_values))}
+    # Each term's share of the total, so a term that swamps the others (or a starved L_clf) shows.
+    weights = ctx.loss_cfg.weights()
+    values["share"] = {k: weights[k] * values[k] / loss if loss else 0.0 for k in names}
+    if not math.isfinite(loss):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"the loss became {loss} ({', '.join(f'{k}={values[k]:.4g}' for k in names)})")
     ctx.optimizer.step()
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -149,8 +154,7 @@ def _forward_backward(ctx: StepContext, batch: dict, device, counts: LossCounts 
     """Forward and backward of one pass; under DDP the gradients are all-reduced on the `sync`
     pass only (the last of the step). Returns the pass's loss and terms (undivided parts of the
     step's loss when `counts` are the whole batch's)."""
-    input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
+    input_ids, mask, labels = (to_device(batch[k], device) for k in ("input_ids", "attention_mask", "labels"))
     teacher_out = teacher_forward(ctx, input_ids, mask)
     loss_fn = ctx.loss_fn or forward_loss
     args = (input_ids, mask, labels, teacher_out, ctx.loss_cfg, ctx.layer_map, ctx.bf16, counts)
@@ -161,11 +165,18 @@ def _forward_backward(ctx: StepContext, batch: dict, device, counts: LossCounts 
     with contextlib.ExitStack() as stack:
         if not sync:
             stack.enter_context(ctx.parallel.no_sync())
-        with distributed.collective("the forward pass"):  # DDP syncs buffers
+        with distributed.collective("the forward pass"):
             total, terms = ctx.parallel(loss_fn, *args)
         with distributed.collective("the gradient all-reduce"):
             (total * (distributed.world_size() * int(real))).backward()
     return total, terms
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A batch tensor on `device`; to a GPU through pinned memory, without waiting for the copy."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def micro_batches(batch: dict, n: int) -> list[dict]:

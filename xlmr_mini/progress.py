@@ -1,4 +1,4 @@
-"""A one-line progress bar on stderr for long loops: step, loss, rate, ETA."""
+"""A one-line progress bar on stderr for long loops: step, loss (if any), rate, ETA."""
 import math
 import sys
 import time
@@ -15,7 +15,7 @@ class Progress:
         self.shown_decile = start * 10 // max(total, 1)
         self.width = 0  # of the longest bar drawn, which a note must cover
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float | None = None) -> None:
         now = time.time()
         decile = step * 10 // max(self.total, 1)
         if self.tty and (now - self.last > 0.2 or step == self.total):
@@ -29,12 +29,13 @@ class Progress:
         self.last, self.shown_decile = now, decile
         self.stream.flush()
 
-    def _line(self, step: int, loss: float, now: float) -> str:
+    def _line(self, step: int, loss: float | None, now: float) -> str:
         done = step / max(self.total, 1)
         bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        return f"{self.label} [{bar}] {step}/{self.total} loss {loss:.4f} {rate:.1f} it/s ETA {clock(eta)}"
+        shown = "" if loss is None else f" loss {loss:.4f}"
+        return f"{self.label} [{bar}] {step}/{self.total}{shown} {rate:.1f} it/s ETA {clock(eta)}"
 
     def note(self, text: str) -> None:
         """A line of its own (e.g. the dev scores), labelled; on a terminal the bar redraws below it."""

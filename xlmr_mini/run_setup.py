@@ -168,8 +168,9 @@ def check_models(cfg: TrainConfig, setup: Setup) -> None:
     """What the student's and teacher's sizes must satisfy, from their config.json alone: checked
     before the run writes anything."""
     teacher_cfg = XLMRConfig.from_hf(setup.teacher_dir) if setup.teacher_dir is not None else None
-    source = {"from-teacher": teacher_cfg, "from-base": XLMRConfig.from_hf(cfg.base) if cfg.base else None}.get(
-        cfg.init) or teacher_cfg or (XLMRConfig.from_hf(cfg.base) if cfg.base else setup.arch)
+    base_cfg = XLMRConfig.from_hf(cfg.base) if cfg.base is not None else None
+    # The config the student's sizes come from, as `initial_student` takes it.
+    source = base_cfg if cfg.init == "from-base" else teacher_cfg or base_cfg or setup.arch
     if source is None:
         raise InputError("--init from-scratch: give --teacher or --base to take the sizes from")
     scfg = student_config(source, student_spec(cfg, setup))

@@ -12,19 +12,22 @@ import torch
 from xlmr_mini.checkpoint import build_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import StudentSpec, layer_map, scratch_state_dict, student_config
-from xlmr_mini.data import TaskData, encode_split, epoch_batches
-from xlmr_mini.hardware import resolve_device
+from xlmr_mini.data import TaskData, default_cache_dir, encode_split, epoch_batches
+from xlmr_mini.hardware import resolve_device, resolve_precision, synchronize
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
-from xlmr_mini.kd_step import StepContext, linear_schedule, make_optimizer, train_step
+from xlmr_mini.kd_step import StepContext, bf16_frozen_linears, linear_schedule, make_optimizer, train_step
 from xlmr_mini.run_setup import task_vocab
 from xlmr_mini.study_plan import Run, StudySettings, common_flags, flags_to_argv, train_config
 from xlmr_mini.tokenizer import Tokenizer
+from xlmr_mini.train_config import TrainConfig
 from xlmr_mini.vocab import trim_config
 
 PROBE_STEPS = 3  # timed, after one warm-up step
 
 
-def _context(teacher_cfg: XLMRConfig, spec: StudentSpec | None, kd: bool, device) -> StepContext:
+def _context(probe: TrainConfig, teacher_cfg: XLMRConfig, spec: StudentSpec | None, kd: bool, device) -> StepContext:
+    """A step context as `run_setup.build_context` makes it for such a run, its precision included
+    (bf16 on a GPU with bf16: a study timed in fp32 there overestimated its runs)."""
     teacher = build_model(teacher_cfg, scratch_state_dict(teacher_cfg, 0), device=device)
     if spec is None:  # the teacher itself is trained, without KD
         student, teacher, lmap = teacher.train(), None, []
@@ -36,15 +39,21 @@ def _context(teacher_cfg: XLMRConfig, spec: StudentSpec | None, kd: bool, device
     proj = HiddenProjection(student.cfg.hidden_size, teacher_cfg.hidden_size).to(device) if kd else None
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, 1e-5, 0.0)
+    hidden = max(student.cfg.hidden_size, teacher.cfg.hidden_size if teacher is not None else 0)  # as a run resolves it
+    bf16 = resolve_precision(probe.precision, device, hidden, probe.cache_dir or default_cache_dir()) == "bf16"
+    if bf16 and teacher is not None:
+        bf16_frozen_linears(teacher)
     return StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=KDLossConfig(kd=kd), layer_map=lmap,
-                       optimizer=optimizer, scheduler=linear_schedule(optimizer, 100), params=params)
+                       optimizer=optimizer, scheduler=linear_schedule(optimizer, 100), params=params, bf16=bf16)
 
 
 def _seconds(ctx: StepContext, batch: dict, device) -> float:
     train_step(ctx, batch, device)
+    synchronize(device)  # a GPU runs a step after the host has queued it: time the GPU's work
     t0 = time.perf_counter()
     for _ in range(PROBE_STEPS):
         train_step(ctx, batch, device)
+    synchronize(device)
     return (time.perf_counter() - t0) / PROBE_STEPS
 
 
@@ -67,10 +76,10 @@ def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig, task: TaskData)
         teacher_cfg = trim_config(base_cfg.replace(id2label=task.labels), vocab)
         half = StudentSpec(layers=max(1, base_cfg.num_hidden_layers // 2))
         narrow = StudentSpec(layers=half.layers, hidden=base_cfg.hidden_size // 2)
-        rates = {("teacher", False): _seconds(_context(teacher_cfg, None, False, device), batch, device)}
+        rates = {("teacher", False): _seconds(_context(probe, teacher_cfg, None, False, device), batch, device)}
         for width, spec in (("full", half), ("half", narrow)):
             for kd in (False, True):
-                rates[(width, kd)] = _seconds(_context(teacher_cfg, spec, kd, device), batch, device)
+                rates[(width, kd)] = _seconds(_context(probe, teacher_cfg, spec, kd, device), batch, device)
     finally:
         torch.set_num_threads(threads)
 

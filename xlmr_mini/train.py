@@ -34,14 +34,16 @@ from xlmr_mini.config import XLMRConfig
 from xlmr_mini.data import epoch_batches, load_task
 from xlmr_mini.demo_models import demo_architecture, demo_teacher
 from xlmr_mini.errors import InputError, cli_main
-from xlmr_mini.hardware import resolve_device
+from xlmr_mini.hardware import deterministic_algorithms, resolve_device
 from xlmr_mini.inference import evaluate
 from xlmr_mini.kd_step import StepContext, TrainingError, train_step
 from xlmr_mini.metrics import metric_key
 from xlmr_mini.progress import Progress
 from xlmr_mini.results import best_seed, finish_seed, report
+from xlmr_mini.files import check_apart
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, publish_best,
                                remove_checkpoint, rng_state, save_best, save_checkpoint, seed_dirs)
+from xlmr_mini.run_identity import input_paths, run_identity
 from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare, resolve_run_precision
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
 
@@ -112,7 +114,7 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
                 if prog.step >= limit:
                     break
         if prog.step < total:
-            _save_checkpoint(out, ctx, prog)
+            _save_checkpoint(out, ctx, prog, device)
             bar.close(f"stopped at step {prog.step} of {total} (--stop-after); continue with --resume")
             return {"stopped_at": prog.step}
     except TrainingError as e:
@@ -155,7 +157,7 @@ def _one_step(loop: Loop, batch: dict, epoch: int) -> None:
         _evaluate_dev(loop)
     # A finished run's checkpoint is written only to be kept (--keep-checkpoint).
     if prog.step % loop.save_every == 0 or (last and cfg.keep_checkpoint):
-        _save_checkpoint(loop.out, ctx, prog)
+        _save_checkpoint(loop.out, ctx, prog, loop.device)
 
 
 def _add(sums: dict, values: dict) -> dict:
@@ -167,8 +169,8 @@ def _mean(sums: dict, n: int) -> dict:
     return {k: _mean(v, n) if isinstance(v, dict) else v / n for k, v in sums.items()}
 
 
-def _save_checkpoint(out: Path, ctx, prog: Progression) -> None:
-    rng = distributed.all_gather(rng_state())  # every rank's, so each resumes its own dropout draws
+def _save_checkpoint(out: Path, ctx, prog: Progression, device) -> None:
+    rng = distributed.all_gather(rng_state(device))  # every rank's, so each resumes its own dropout draws
     distributed.on_main(save_checkpoint, out / "checkpoint", ctx, dataclasses.asdict(prog), rng)
 
 
@@ -201,6 +203,7 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False,
     main_rank = distributed.is_main()
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(deterministic_algorithms(cfg.deterministic))
             if not main_rank:  # only rank 0 prints
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             return _train(cfg, device, arch, quiet or not main_rank, label)
@@ -211,6 +214,8 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False,
 
 
 def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool, label: str | None) -> dict:
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    check_apart("--out", out, input_paths(cfg))  # before anything is written or cleared
     teacher = None
     needs_teacher = cfg.init == "from-teacher" or not cfg.no_kd
     if cfg.is_demo and cfg.teacher is None and arch is None and needs_teacher:
@@ -222,22 +227,30 @@ def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool, label
         arch = demo_architecture(load_task("demo", cache_dir=cfg.cache_dir))  # from-scratch takes its sizes
     setup = prepare(cfg, teacher_dir=teacher, arch=arch)
     cfg = resolve_run_precision(cfg, setup, device)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    distributed.on_main(claim_out, cfg, out)
-    runs = []
-    for seed, run_dir in seed_dirs(cfg, out):
-        done = run_dir / "results.json"
-        if cfg.resume and done.is_file():
-            runs.append(json.loads(done.read_text(encoding="utf-8")))
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        seed_label = label and (f"{label}, seed {seed}" if len(cfg.seeds) > 1 else label)
-        runs.append(run_seed(cfg, setup, seed, run_dir, device, seed_label))
-        if "stopped_at" in runs[-1]:
-            return runs[-1]
-    if len(runs) > 1:  # the best seed on dev, where a single run's model would be
-        distributed.on_main(publish_best, out / f"seed-{best_seed(runs)}" / "best", out / "best")
-    return report(cfg, setup, out, runs, quiet)
+    claim = distributed.on_main(lambda: claim_out(cfg, out, run_identity(cfg, setup.teacher_dir)))
+    work, finished = distributed.all_gather((claim.work, claim.finished) if claim else None)[0]
+    try:
+        if finished and not quiet:
+            print(f"{out}: holds this run, finished; its results follow (pass --overwrite to train it again)")
+        runs = []
+        for seed, run_dir in seed_dirs(cfg, work):
+            done = run_dir / "results.json"
+            if done.is_file():  # this run's seed (claim_out compared the identity), finished before
+                runs.append(json.loads(done.read_text(encoding="utf-8")))
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            seed_label = label and (f"{label}, seed {seed}" if len(cfg.seeds) > 1 else label)
+            runs.append(run_seed(cfg, setup, seed, run_dir, device, seed_label))
+            if "stopped_at" in runs[-1]:
+                break
+        if len(runs) > 1 and not finished and "stopped_at" not in runs[-1]:
+            # the best seed on dev, where a single run's model would be
+            distributed.on_main(publish_best, work / f"seed-{best_seed(runs)}" / "best", work / "best")
+        distributed.on_main(lambda: claim.finish())
+    finally:
+        if claim is not None:
+            claim.release()
+    return runs[-1] if "stopped_at" in runs[-1] else report(cfg, setup, out, runs, quiet)
 
 
 @cli_main

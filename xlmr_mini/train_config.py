@@ -156,13 +156,18 @@ class TrainConfig:
                              "with a trimmed tokenizer.json; Unigram tokenizers such as XLM-R's)", choices=SAVE_VOCABS)
     compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
     device: str = _field("auto", "cpu, cuda, or auto")
+    deterministic: bool = _field(False, "PyTorch's deterministic algorithms and cuBLAS's fixed workspace "
+                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower; CPU "
+                                 "runs repeat without it. An operation with no deterministic GPU version stops the run, "
+                                 "named")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
     out: str | None = _field(None, "run directory: run.json, metrics.jsonl, results.json, best/ (the best model on "
                              "dev, an HF directory), checkpoint/ (kept with --keep-checkpoint), tensorboard/; with "
                              "several seeds a seed-N/ of these per seed, the summary results.json and the best "
                              "seed's best/ (default: runs/<data>-<init>[-<layers>L]-<kd|nokd>)")
     resume: bool = _field(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = _field(False, "replace a different run found in --out")
+    overwrite: bool = _field(False, "train anew in place of the run in --out (a finished one too); the old run is "
+                             "replaced only once the new one is complete (or stopped by --stop-after)")
     stop_after: int | None = _field(None, "checkpoint and stop once the run reaches this step (continue later with --resume)")
     dist_timeout: float = _field(600.0, "under torchrun: seconds a process waits for the others (a collective, or "
                                  "rank 0 writing a checkpoint) before it stops the job")
@@ -222,7 +227,8 @@ class TrainConfig:
         """The settings that define the run's result (what `run.json` compares)."""
         # grad_accum changes the sums' order only (the same run within float rounding).
         ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset",
-                   "dist_timeout", "grad_accum", "save_steps", "keep_checkpoint", "logging_steps", "report_to"}
+                   "dist_timeout", "grad_accum", "save_steps", "keep_checkpoint", "logging_steps", "report_to",
+                   "deterministic"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
