@@ -372,9 +372,10 @@ def score_mse_config(L: int, B: int, H: int, T: int, d_s: int, d_t: int, dtypes,
     # 8-32 B at 32 x 32), and one stage (T <= 128 makes at most two key blocks to overlap) keeps
     # shared memory at 48 KB or less. bf16 dots run on tensor cores: 4 warps, two stages. TF32
     # would cost ~1e-3 relative error, beyond what the fp32 path is tested to. The probabilities
-    # forward holds the log-sum-exp pass's state too: at two stages it spilled 24 B per thread in
-    # bf16 on sm_80 under Triton 3.6 (168 registers; 3.9: 143, none); one stage is spill-free under
-    # both, and costs little here: its loops run over at most two key blocks (T <= 128).
+    # forward holds the log-sum-exp pass's state too: with 64-key tiles at two stages it spilled
+    # 24 B per thread in bf16 on sm_80 under Triton 3.6 (168 registers; 3.9: 143, none), so those
+    # tiles take one stage, spill-free under both, at little cost: T <= 128 makes at most two key
+    # blocks to overlap. Smaller tiles keep two (one stage spilled 8 B on sm_90 under 3.9 at T 32).
     meta = dict(PRECISION="ieee" if fp32 else "tf32", UPCAST=upcast_dots(dtypes, interpreted),
                 PROBS=probs, BLOCK_DS=max(next_power_of_2(d_s), 16),
                 BLOCK_DT=max(next_power_of_2(d_t), 16))
@@ -383,7 +384,7 @@ def score_mse_config(L: int, B: int, H: int, T: int, d_s: int, d_t: int, dtypes,
     else:
         meta.update(A_IS_QUERY=part == "dq", BLOCK_A=block_own, BLOCK_B=block_loop)
     big_fp32 = fp32 and block_own * block_loop >= 1024
-    one_stage = fp32 or (probs and part == "fwd")
+    one_stage = fp32 or (probs and part == "fwd" and block_loop == 64)
     return LaunchConfig(grid=(L * B * H, cdiv(T, block_own)), num_warps=8 if big_fp32 else 4,
                         num_stages=1 if one_stage else 2, constexprs=meta)
 

@@ -158,7 +158,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(teacher, cach
 # --- 5. a run directory is locked while written ----------------------------------------------
 def test_a_second_writer_of_a_run_is_refused(teacher, cache, tmp_path, capsys):
     out = tmp_path / "run"
-    cfg = parse_config(_argv(teacher, out, cache))
+    cfg = parse_config(_argv(teacher, out, cache, "--precision", "fp32"))  # what auto resolves to here
     claim = claim_out(cfg, out, run_identity(cfg, teacher))  # another process writing this run
     try:
         err = _one_line_exit_2(capsys, _argv(teacher, out, cache, "--resume"), "another process")

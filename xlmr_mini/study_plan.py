@@ -18,6 +18,7 @@ batch 8, 30 epochs, fp32, plain random batches, the section's evaluation steps a
 that grid); Table 3's English-trained students are §3.3's.
 """
 import dataclasses
+import functools
 from pathlib import Path
 
 from xlmr_mini.copy_weights import INITS
@@ -142,9 +143,14 @@ class Planner:
     def __init__(self, settings: StudySettings, base_layers: int, base_hidden: int):
         self.s, self.base_layers, self.base_hidden = settings, base_layers, base_hidden
         self.runs: dict[str, Run] = {}
-        cache = dict(settings.overrides).get("cache-dir")
-        self.data_id = data_fingerprint(settings.data, cache)
-        self.base_id = model_fingerprint(settings.base, cache)
+
+    @functools.cached_property
+    def data_id(self) -> str:
+        return data_fingerprint(self.s.data, dict(self.s.overrides).get("cache-dir"))
+
+    @functools.cached_property
+    def base_id(self) -> str:
+        return model_fingerprint(self.s.base, dict(self.s.overrides).get("cache-dir"))
 
     def identity(self) -> dict:
         """What the study's tables are made with."""

@@ -163,9 +163,9 @@ class TrainConfig:
                           "CPU (--compile alone: on)", choices=COMPILES, const="on")
     device: str = _field("auto", "cpu, cuda, or auto")
     deterministic: bool = _field(False, "PyTorch's deterministic algorithms and cuBLAS's fixed workspace "
-                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower; CPU "
-                                 "runs repeat without it. An operation with no deterministic GPU version stops the run, "
-                                 "named")
+                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower (CPU "
+                                 "runs repeat without it); an operation with no deterministic GPU version stops the "
+                                 "run with PyTorch's error naming it")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
     out: str | None = _field(None, "run directory: run.json, metrics.jsonl, results.json, best/ (the best model on "
                              "dev, an HF directory), checkpoint/ (kept with --keep-checkpoint), tensorboard/; with "
