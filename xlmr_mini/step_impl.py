@@ -17,6 +17,7 @@ reference, to eager) and says so in one line. The outcome is cached per device n
 Triton versions, precision and attention target in `cache_dir/hardware/` (as the bf16 probe);
 results.json records `kd_impl` and `compile`, asked and used, and the check's outcome
 (`step_check`). Under torchrun every process checks its share, and all fall back if one fails.
+The check compiles the step in eval mode; training then compiles its train-mode graph once more.
 """
 import dataclasses
 
