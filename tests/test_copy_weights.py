@@ -366,7 +366,7 @@ def test_cli_writes_a_student_transformers_loads(tmp_path, teacher_dir, capsys):
     summary = capsys.readouterr().out.strip()
     assert summary.startswith("from-teacher: source layers 1,3,5,7,9,11 (0-based) -> 6 layers; hidden 32->16, heads 4x8->4x4, intermediate 64->32")
     assert "M ->" in summary and len(summary.splitlines()) == 1
-    assert (out / "tokenizer.json").read_bytes() == (teacher_dir / "tokenizer.json").read_bytes()
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads((teacher_dir / "tokenizer.json").read_text())
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
 
     hf, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True, attn_implementation="eager")

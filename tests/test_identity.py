@@ -86,6 +86,22 @@ def test_data_changed_in_place_is_another_run(teacher, cache, tmp_path, capsys):
     assert "data:" in err
 
 
+def test_a_run_under_another_tokenization_rule_is_another_run(teacher, cache, tmp_path, capsys, monkeypatch):
+    """Runs trained before the tokenization rule changed (other token ids for the same texts) are
+    not reused, by train nor by the study (which keys its runs by the same data fingerprint)."""
+    from xlmr_mini import run_identity as identity
+
+    data = _demo_file(cache, tmp_path / "d.jsonl")
+    argv = _argv(teacher, tmp_path / "run", cache, "--data", f"file:{data}")
+    main(argv)
+    before = identity.data_fingerprint(f"file:{data}", cache)
+    monkeypatch.setattr(identity, "ENCODING_VERSION", identity.ENCODING_VERSION + 1)
+    assert identity.data_fingerprint(f"file:{data}", cache) != before
+    capsys.readouterr()
+    err = _one_line_exit_2(capsys, argv + ["--resume"], "different run")
+    assert "data:" in err
+
+
 def test_content_hashes_are_cached_by_size_and_mtime(tmp_path):
     f, cache_file = tmp_path / "x.bin", tmp_path / "fingerprints.json"
     f.write_bytes(b"a" * 100)

@@ -397,3 +397,21 @@ def test_dry_run_times_the_trimmed_vocabulary_training_uses(cache, tmp_path, mon
     kept = used | set(always_kept(json.loads(tokenizer.read_text(encoding="utf-8"))))
     assert len(sizes) == 5 and {v for v, _ in sizes} == {len(kept)}
     assert all(top < vocab < 60_000 for vocab, top in sizes)
+
+
+def test_precision_and_kd_options_pass_through_to_every_run(cache, tmp_path):
+    cmds = tmp_path / "cmds.txt"
+    main(["table4", "--data", "demo", "--seed", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
+          "--precision", "bf16", "--att-target", "scores", "--kd-impl", "fused", "--compile", "--emit-commands",
+          str(cmds)] + QUICK)
+    trains = [line.split(" -m xlmr_mini.train ")[1].split() for line in cmds.read_text().splitlines()
+              if " -m xlmr_mini.train " in line]
+    assert len(trains) == 1 + 3  # the teacher, three KD students
+    for argv in trains:
+        cfg = parse_config(argv)
+        assert (cfg.precision, cfg.att_target, cfg.kd_impl, cfg.compile) == ("bf16", "scores", "fused", "on"), argv
+    default = tmp_path / "default.txt"
+    main(["table4", "--data", "demo", "--seed", "1", "--out", str(tmp_path / "d"), "--cache-dir", str(cache),
+          "--emit-commands", str(default)] + QUICK)
+    assert all(parse_config(line.split(" -m xlmr_mini.train ")[1].split()).precision == "fp32"
+               for line in default.read_text().splitlines() if " -m xlmr_mini.train " in line)

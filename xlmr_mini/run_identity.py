@@ -18,6 +18,7 @@ from pathlib import Path
 
 from xlmr_mini.checkpoint import weight_files
 from xlmr_mini.data import DEMO_VERSION, default_cache_dir, parse_spec
+from xlmr_mini.data.batching import ENCODING_VERSION
 from xlmr_mini.errors import InputError
 from xlmr_mini.files import file_sha256
 from xlmr_mini.train_config import TrainConfig
@@ -71,8 +72,9 @@ def _short(value) -> str:
 
 
 def data_fingerprint(spec: str | None, cache_dir=None) -> str:
-    """'KIND[?OPTIONS] sha256:HASH': the dataset's kind, reader options and content hash (the
-    built-in demo: its version)."""
+    """'KIND[?OPTIONS] sha256:HASH tokens vN': the dataset's kind, reader options, content hash
+    and tokenization rule (ENCODING_VERSION: the same texts and tokenizer.json gave other ids under
+    an older rule); the built-in demo: its version."""
     kind, path, options = parse_spec(spec or "demo")
     if kind == "demo":
         return f"demo v{DEMO_VERSION}"
@@ -82,7 +84,7 @@ def data_fingerprint(spec: str | None, cache_dir=None) -> str:
     files = [root] if root.is_file() else sorted(
         p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     query = "&".join(f"{k}={v}" for k, v in sorted(options.items()))
-    return f"{kind}{'?' + query if query else ''} sha256:{_combined(root, files, cache_dir)}"
+    return f"{kind}{'?' + query if query else ''} sha256:{_combined(root, files, cache_dir)} tokens v{ENCODING_VERSION}"
 
 
 def model_fingerprint(path: str | Path | None, cache_dir=None) -> str | None:

@@ -84,13 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name in OVERRIDES:
         flag = "--" + name.replace("_", "-")
-        if fields[name].type is bool:  # a switch: --compile
+        if fields[name].type is bool:  # a switch: --deterministic
             p.add_argument(flag, action="store_const", const=True, help=f"passed to every run's {flag}")
             continue
         kind = int if name in ("epochs", "max_steps", "batch_size", "eval_steps", "max_length", "num_threads") else \
             float if name == "lr" else str
-        p.add_argument(flag, type=kind, choices=fields[name].metadata.get("choices"),
-                       help=f"passed to every run's {flag}")
+        meta = fields[name].metadata
+        alone = {"nargs": "?", "const": meta["const"]} if "const" in meta else {}  # --compile means --compile on
+        p.add_argument(flag, type=kind, choices=meta.get("choices"), help=f"passed to every run's {flag}", **alone)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="every run's --precision (default: fp32, the paper's; auto is resolved once here, for this "
                         "machine and the base's width, and the runs record what it resolved to)")

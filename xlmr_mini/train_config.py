@@ -13,8 +13,9 @@ from xlmr_mini.config import check_max_length
 from xlmr_mini.copy_weights import INITS
 from xlmr_mini.errors import InputError, IntList, OneLineErrorParser, deprecated_alias
 from xlmr_mini.hardware import PRECISIONS
-from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, IMPLS, LOSS_NORMS
+from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, LOSS_NORMS
 from xlmr_mini.metrics import METRICS
+from xlmr_mini.step_impl import COMPILES, KD_IMPLS
 
 PAPER_EPOCHS = 30
 PAPER_LR = 5e-5  # transformers' default, which the paper kept
@@ -132,7 +133,10 @@ class TrainConfig:
                             "TinyBERT's code (means at padded length, pads included, summed over layers)",
                             choices=LOSS_NORMS)
     hid_proj: str = _field("linear", "narrower student: learnable projection (fit_dense) or the teacher's copied units", choices=HID_PROJS)
-    kd_impl: str = _field("reference", "KD loss implementation: PyTorch reference or fused kernels (Triton on GPU)", choices=IMPLS)
+    kd_impl: str = _field("auto", "KD loss implementation: PyTorch reference, fused Triton kernels (on CPU they fall "
+                          "back to the reference), or auto: fused on CUDA where they apply, checked against the "
+                          "reference on the first batch (falls back on a mismatch), the reference elsewhere",
+                          choices=KD_IMPLS)
     precision: str | None = _field(None, "forward passes in fp32 or under bfloat16 autocast (the KD loss terms, weights "
                                    "and optimizer stay fp32); auto: bf16 on GPUs with bf16 and on CPUs where a cached "
                                    "probe measures bf16 matmuls faster, fp32 elsewhere and for models narrower than 256 "
@@ -154,12 +158,14 @@ class TrainConfig:
     save_vocab: str = _field("full", "vocabulary of the saved model: full (a drop-in model with the teacher's tokenizer; "
                              "rows of tokens never seen in training as they started) or task (only the data's tokens, "
                              "with a trimmed tokenizer.json; Unigram tokenizers such as XLM-R's)", choices=SAVE_VOCABS)
-    compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
+    compile: str = _field("auto", "torch.compile the forward + loss of the training step (fullgraph): on, off, or "
+                          "auto: on CUDA, checked against eager on the first batch (falls back on a mismatch), off on "
+                          "CPU (--compile alone: on)", choices=COMPILES, const="on")
     device: str = _field("auto", "cpu, cuda, or auto")
     deterministic: bool = _field(False, "PyTorch's deterministic algorithms and cuBLAS's fixed workspace "
-                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower; CPU "
-                                 "runs repeat without it. An operation with no deterministic GPU version stops the run, "
-                                 "named")
+                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower (CPU "
+                                 "runs repeat without it); an operation with no deterministic GPU version stops the "
+                                 "run with PyTorch's error naming it")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
     out: str | None = _field(None, "run directory: run.json, metrics.jsonl, results.json, best/ (the best model on "
                              "dev, an HF directory), checkpoint/ (kept with --keep-checkpoint), tensorboard/; with "
@@ -215,9 +221,6 @@ class TrainConfig:
         if self.grad_accum > self.batch_size:
             raise InputError(f"--grad-accum {self.grad_accum}: more passes than the {self.batch_size} examples of a "
                              f"batch (--batch-size)")
-        if self.grad_accum > 1 and self.kd_impl == "fused" and not self.no_kd:
-            raise InputError("--grad-accum: --kd-impl fused normalises by each pass's own examples; use --kd-impl "
-                             "reference with gradient accumulation")
 
     @property
     def is_demo(self) -> bool:
@@ -226,7 +229,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that define the run's result (what `run.json` compares)."""
         # grad_accum changes the sums' order only (the same run within float rounding).
-        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset",
+        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "kd_impl", "device", "cache_dir", "preset",
                    "dist_timeout", "grad_accum", "save_steps", "keep_checkpoint", "logging_steps", "report_to",
                    "deterministic"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
@@ -257,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float, "str": str}
         base = next((t for name, t in kind.items() if str(f.type).startswith(name) or f.type is t), str)
         listed = dict(nargs="+", action=IntList) if str(f.type).startswith("list") else dict(type=base)
+        if "const" in meta:  # a flag that may stand alone: --compile means --compile on
+            listed.update(nargs="?", const=meta["const"])
         default_text = f" (default: {_show(f.default)})" if f.default is not None else ""
         p.add_argument(flag, dest=f.name, default=f.default, choices=meta.get("choices"),
                        help=meta["help"] + default_text, **listed)

@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="HF model directory with its tokenizer.json (a Unigram one, as XLM-R's)")
     p.add_argument("--data", required=True, help="dataset whose tokens to keep: massive:PATH, tsm:PATH, file:PATH, demo")
-    p.add_argument("--out", type=Path, required=True, help="output directory for the trimmed model and tokenizer")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory: the trimmed config.json, model.safetensors and tokenizer.json")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out directory")
     p.add_argument("--cache-dir", type=Path, help="cache for tokenized data (default: ~/.cache/xlmr_mini)")
     return p
