@@ -12,7 +12,9 @@ Implementations (`--impls`):
   which is what transformers returns; hidden states through fit_dense; embeddings; logits MSE;
   cross-entropy), `torch.optim.AdamW` as people usually create it; fp32, or everything under
   bf16 autocast.
-- xlmr_mini: the project's default, as `python -m xlmr_mini.train` sets it up: the student and
+- xlmr_mini: the project's default, as `python -m xlmr_mini.train` sets it up (`--kd-impl auto`
+  and `--compile auto`, self-checked on the first batch: on CUDA fused and compiled, on CPU the
+  reference, eager; the JSON says what ran): the student and
   teacher on the task's vocabulary rows (`--kept` of them, default 34,855: what tweet_sentiment_
   multilingual's texts use; the batch draws its tokens from them), `--precision auto` resolved on
   this machine, the initial full embedding rows held for writing the full-vocabulary model, and
@@ -20,7 +22,7 @@ Implementations (`--impls`):
 - xlmr_mini-fp32, xlmr_mini-bf16: the same with the precision pinned.
 - xlmr_mini-fused: the default with `--kd-impl fused` (the Triton kernels on a GPU).
 - xlmr_mini-full-vocab: fp32 on the whole 250,002-row table (`--no-trim`).
-- xlmr_mini-compiled: the default with `--compile`'s compiled forward+loss.
+- xlmr_mini-compiled: the default with `--compile on`'s compiled forward+loss.
 - transformers-bf16-trimmed: transformers-bf16 on a vocabulary trimmed beforehand to the task's
   rows (what a user who knows vocabtrimmer does): the well-tuned baseline at equal settings.
 - xlmr_mini-cached: the default reading the teacher's outputs from a `teacher_cache` built over
@@ -164,14 +166,14 @@ def kd_impl(impl: str) -> str:
     return "fused" if impl == "xlmr_mini-fused" else TrainConfig().kd_impl
 
 
-def kd_label(impl: str, device) -> str:
-    """What computes an implementation's KD loss, for its row: fused runs PyTorch where Triton does
-    not run (CPU without TRITON_INTERPRET=1)."""
+def kd_label(step_impl: dict, device) -> str:
+    """What computed an implementation's KD loss (`StepPlan.record`, empty for transformers), for
+    its row: fused runs PyTorch where Triton does not run (CPU without TRITON_INTERPRET=1)."""
     from xlmr_mini.kernels import _dispatch
 
-    if not impl.startswith("xlmr_mini"):
+    if not step_impl:
         return "-"
-    name = kd_impl(impl)
+    name = step_impl["kd_impl"]["used"]
     return name if name != "fused" or _dispatch._triton_for(device.type) else "fused (PyTorch fallback)"
 
 
@@ -211,6 +213,7 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
         StepContext, bf16_frozen_linears, compile_forward_loss, linear_schedule, make_optimizer, train_step,
     )
     from xlmr_mini.model import XLMRClassifier, init_weights
+    from xlmr_mini.step_impl import check_step, plan_step
     from xlmr_mini.vocab import WORD_KEY, VocabTrim, trim_config, trim_state_dict
 
     vocab = VocabTrim(kept=kept_vocab(args), full_size=args.vocab) if trimmed else None
@@ -231,7 +234,8 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
     if vocab is not None:
         vocab = VocabTrim(kept=vocab.kept, full_size=args.vocab, initial_rows=initial_rows)
     proj = HiddenProjection(s["hidden"], t["hidden"], "linear").to(device)
-    loss_cfg = KDLossConfig(att_target=args.att_target, impl=loss_impl)
+    plan = plan_step(loss_impl, "on" if compiled else "auto", device, True, "masked")  # as `train` resolves them
+    loss_cfg = KDLossConfig(att_target=args.att_target, impl=plan.kd_impl)
     params = list(student.parameters()) + list(proj.parameters())
     opt = make_optimizer(params, 5e-5, 0.0)
     divisor = t["layers"] // s["layers"]
@@ -241,30 +245,31 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg,
                       layer_map=[(i + 1) * divisor - 1 for i in range(s["layers"])], optimizer=opt,
                       scheduler=linear_schedule(opt, 10**6), params=params, bf16=resolved == "bf16",
-                      loss_fn=compile_forward_loss() if compiled else None, vocab=vocab)
+                      loss_fn=compile_forward_loss() if plan.compiled else None, vocab=vocab)
     table = torch.from_numpy(vocab.old_to_new) if vocab is not None else None
     data = [{"input_ids": ids if table is None else table[ids.cpu()].to(device), "attention_mask": mask, "labels": labels}
             for ids, mask, labels in workload(args, device)]
     if cached:
         cache_teacher_outputs(ctx, data, t, resolved, device)
-    return (lambda: [train_step(ctx, b, device) for b in data]), resolved
+    plan = check_step(ctx, plan, data[0], device, default_cache_dir())
+    return (lambda: [train_step(ctx, b, device) for b in data]), resolved, plan
 
 
 def build(args, impl, t, s, device, shared=None):
-    """(step function, precision, vocabulary rows) of one implementation; `shared` reuses the
-    transformers models for both of its precisions."""
+    """(step function, precision, vocabulary rows, xlmr_mini's kd_impl and compile as run) of one
+    implementation; `shared` reuses the transformers models for both of its precisions."""
     if impl == "transformers-bf16-trimmed":
-        return transformers_step(args, t, s, device, True, trimmed=True), "bf16", len(kept_vocab(args))
+        return transformers_step(args, t, s, device, True, trimmed=True), "bf16", len(kept_vocab(args)), None
     if impl.startswith("transformers"):
         precision = "bf16" if impl.endswith("bf16") else "fp32"
         if shared is not None:
-            return (lambda: shared(precision == "bf16")), precision, args.vocab
-        return transformers_step(args, t, s, device, precision == "bf16"), precision, args.vocab
+            return (lambda: shared(precision == "bf16")), precision, args.vocab, {}
+        return transformers_step(args, t, s, device, precision == "bf16"), precision, args.vocab, {}
     wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
     trimmed = impl != "xlmr_mini-full-vocab"
-    step, precision = xlmr_mini_step(args, t, s, device, wanted, trimmed, impl.endswith("compiled"), kd_impl(impl),
-                                     cached=impl.endswith("cached"))
-    return step, precision, len(kept_vocab(args)) if trimmed else args.vocab
+    step, precision, plan = xlmr_mini_step(args, t, s, device, wanted, trimmed, impl.endswith("compiled"),
+                                           kd_impl(impl), cached=impl.endswith("cached"))
+    return step, precision, len(kept_vocab(args)) if trimmed else args.vocab, plan.record()
 
 
 def interleaved(args, impls, student_hidden, seq) -> dict:
@@ -303,7 +308,7 @@ def run_one(args):
     else:
         base = rss_mb()
     impl = args.one
-    step, precision, rows = build(args, impl, t, s, device)
+    step, precision, rows, step_impl = build(args, impl, t, s, device)
     t0 = time.perf_counter()
     step()  # the first step apart: it includes any compilation
     if device.type == "cuda":
@@ -316,7 +321,7 @@ def run_one(args):
                       "batch": args.batch, "samples_per_s": m.rate, "s_per_step": m.median_s,
                       "spread_s": m.spread_s, "peak_mb": m.peak_mem_mb, "first_step_s": first_s,
                       "precision": precision, "device": device_name, "vocab_rows": rows,
-                      "kd_impl": kd_label(impl, device),
+                      "kd_impl": kd_label(step_impl, device), "step_impl": step_impl,
                       **({"epoch_examples": real_data(args)[2]} if args.data else {})}))
 
 

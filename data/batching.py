@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from xlmr_mini.data.task import Split
-from xlmr_mini.files import atomic_write
+from xlmr_mini.files import atomic_write, file_sha256
 
 ENCODING_VERSION = 2  # bump when the cached layout or the encoding rule changes (2: transformers' whitespace)
 POOL_BATCHES = 50  # batches per length-sorting pool: big enough to bucket, small enough to stay random
@@ -24,19 +24,6 @@ POOL_BATCHES = 50  # batches per length-sorting pool: big enough to bucket, smal
 def default_cache_dir() -> Path:
     """`$XLMR_MINI_CACHE`, else ~/.cache/xlmr_mini."""
     return Path(os.environ.get("XLMR_MINI_CACHE") or Path.home() / ".cache" / "xlmr_mini")
-
-
-_file_hashes: dict[tuple, str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime) within the process."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _file_hashes:
-        _file_hashes[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return _file_hashes[key]
 
 
 def texts_sha256(texts: list[str]) -> str:

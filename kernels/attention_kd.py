@@ -23,6 +23,8 @@ tokens of sequence b,
 
 Masked entries are excluded with `torch.where` (maps may hold -inf or finfo.min at masked keys;
 they are never multiplied by 0). A batch with no valid token gives 0 (denominator clamped to 1).
+The Q/K losses take `token_pairs` to divide by another sum_b n_b^2 (a data-parallel rank's share of
+a global batch divides by the global batch's).
 
 Caveats: the teacher is a constant target and gets no gradient. fp32 scores use IEEE fp32 dots
 (`input_precision="ieee"`, on the FMA units), not TF32: TF32 keeps 10 mantissa bits (~1e-3
@@ -90,16 +92,18 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor,
     return torch.where(key_ok, s, torch.finfo(s.dtype).min).softmax(dim=-1)
 
 
-def attention_score_mse_reference(q_s, k_s, q_t, k_t, mask, upcast: bool = True) -> torch.Tensor:
+def attention_score_mse_reference(q_s, k_s, q_t, k_t, mask, upcast: bool = True,
+                                  token_pairs: torch.Tensor | None = None) -> torch.Tensor:
     """L_att on pre-softmax scores, by materializing both [L, B, H, T, T] maps."""
     return attention_map_mse_reference(attention_scores(q_s, k_s, upcast),
-                                       attention_scores(q_t, k_t, upcast), mask, upcast)
+                                       attention_scores(q_t, k_t, upcast), mask, upcast, token_pairs)
 
 
-def attention_prob_mse_reference(q_s, k_s, q_t, k_t, mask, upcast: bool = True) -> torch.Tensor:
+def attention_prob_mse_reference(q_s, k_s, q_t, k_t, mask, upcast: bool = True,
+                                 token_pairs: torch.Tensor | None = None) -> torch.Tensor:
     """L_att on attention probabilities, by materializing both [L, B, H, T, T] maps."""
     return attention_map_mse_reference(attention_probs(q_s, k_s, mask, upcast),
-                                       attention_probs(q_t, k_t, mask, upcast), mask, upcast)
+                                       attention_probs(q_t, k_t, mask, upcast), mask, upcast, token_pairs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,9 +372,10 @@ def score_mse_config(L: int, B: int, H: int, T: int, d_s: int, d_t: int, dtypes,
     # 8-32 B at 32 x 32), and one stage (T <= 128 makes at most two key blocks to overlap) keeps
     # shared memory at 48 KB or less. bf16 dots run on tensor cores: 4 warps, two stages. TF32
     # would cost ~1e-3 relative error, beyond what the fp32 path is tested to. The probabilities
-    # forward holds the log-sum-exp pass's state too: at two stages it spilled 24 B per thread in
-    # bf16 on sm_80 under Triton 3.6 (168 registers; 3.9: 143, none); one stage is spill-free under
-    # both, and costs little here: its loops run over at most two key blocks (T <= 128).
+    # forward holds the log-sum-exp pass's state too: with 64-key tiles at two stages it spilled
+    # 24 B per thread in bf16 on sm_80 under Triton 3.6 (168 registers; 3.9: 143, none), so those
+    # tiles take one stage, spill-free under both, at little cost: T <= 128 makes at most two key
+    # blocks to overlap. Smaller tiles keep two (one stage spilled 8 B on sm_90 under 3.9 at T 32).
     meta = dict(PRECISION="ieee" if fp32 else "tf32", UPCAST=upcast_dots(dtypes, interpreted),
                 PROBS=probs, BLOCK_DS=max(next_power_of_2(d_s), 16),
                 BLOCK_DT=max(next_power_of_2(d_t), 16))
@@ -379,7 +384,7 @@ def score_mse_config(L: int, B: int, H: int, T: int, d_s: int, d_t: int, dtypes,
     else:
         meta.update(A_IS_QUERY=part == "dq", BLOCK_A=block_own, BLOCK_B=block_loop)
     big_fp32 = fp32 and block_own * block_loop >= 1024
-    one_stage = fp32 or (probs and part == "fwd")
+    one_stage = fp32 or (probs and part == "fwd" and block_loop == 64)
     return LaunchConfig(grid=(L * B * H, cdiv(T, block_own)), num_warps=8 if big_fp32 else 4,
                         num_stages=1 if one_stage else 2, constexprs=meta)
 
@@ -391,10 +396,11 @@ def _qk_config(q_s, q_t, probs, part):
 
 
 def _attention_score_mse_fwd_impl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
-                                  k_t: torch.Tensor, mask: torch.Tensor, probs: bool
+                                  k_t: torch.Tensor, mask: torch.Tensor, probs: bool,
+                                  token_pairs: torch.Tensor | None = None
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss [L] fp32, lse_s, lse_t, delta); the last three are [L, B, H, T] fp32 when
-    `probs`, else empty."""
+    `probs`, else empty. `token_pairs` as in `attention_map_mse_reference`."""
     _check_qk(q_s, k_s, q_t, k_t, mask)
     L, B, H, T, d_s = q_s.shape
     d_t = q_t.shape[-1]
@@ -409,7 +415,7 @@ def _attention_score_mse_fwd_impl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: tor
     if L * B * H and n_q:
         launch(_score_mse_fwd_kernel, config, q_s, k_s, q_t, k_t, valid, partial, lse_s, lse_t,
                delta, B, H, T, d_s, d_t, 1 / math.sqrt(d_s), 1 / math.sqrt(d_t), n_q)
-    return partial.sum(dim=1) / _att_denominator(valid, H), lse_s, lse_t, delta
+    return partial.sum(dim=1) / _att_denominator(valid, H, token_pairs), lse_s, lse_t, delta
 
 
 _attention_score_mse_fwd = torch.library.custom_op(
@@ -417,7 +423,7 @@ _attention_score_mse_fwd = torch.library.custom_op(
 
 
 @_attention_score_mse_fwd.register_fake
-def _(q_s, k_s, q_t, k_t, mask, probs):
+def _(q_s, k_s, q_t, k_t, mask, probs, token_pairs=None):
     _check_qk(q_s, k_s, q_t, k_t, mask)
     rows = tuple(q_s.shape[:4]) if probs else (0,)
     return (q_s.new_empty(q_s.shape[0], dtype=torch.float32),
@@ -427,14 +433,15 @@ def _(q_s, k_s, q_t, k_t, mask, probs):
 def _attention_score_mse_bwd_impl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
                                   k_t: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor,
                                   lse_s: torch.Tensor, lse_t: torch.Tensor, delta: torch.Tensor,
-                                  probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                                  probs: bool, token_pairs: torch.Tensor | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dq_s, dk_s), recomputing the score tiles; `grad_loss` is d out / d loss [L]."""
     L, B, H, T, d_s = q_s.shape
     d_t = q_t.shape[-1]
     q_s, k_s, q_t, k_t = (x.contiguous() for x in (q_s, k_s, q_t, k_t))
     valid = mask.to(torch.int32).contiguous()
     grad_loss = grad_loss.to(torch.float32).contiguous()
-    denom = _att_denominator(valid, H).to(torch.float32).reshape(1)
+    denom = _att_denominator(valid, H, token_pairs).to(torch.float32).reshape(1)
     dq_s, dk_s = torch.empty_like(q_s), torch.empty_like(k_s)
     if not (L * B * H and T):
         return dq_s.zero_(), dk_s.zero_()
@@ -451,7 +458,7 @@ _attention_score_mse_bwd = torch.library.custom_op(
 
 
 @_attention_score_mse_bwd.register_fake
-def _(q_s, k_s, q_t, k_t, mask, grad_loss, lse_s, lse_t, delta, probs):
+def _(q_s, k_s, q_t, k_t, mask, grad_loss, lse_s, lse_t, delta, probs, token_pairs=None):
     return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)  # contiguous, as the real op's
 
 
@@ -477,19 +484,19 @@ class AttentionScoreMSEFunction(torch.autograd.Function):
     """Forward keeps Q, K (and per-row softmax statistics); backward recomputes score tiles."""
 
     @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, mask, probs):
+    def forward(ctx, q_s, k_s, q_t, k_t, mask, probs, token_pairs=None):
         loss, lse_s, lse_t, delta = torch.ops.xlmr_mini.attention_score_mse_fwd(
-            q_s, k_s, q_t, k_t, mask, probs)
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, mask, lse_s, lse_t, delta)
+            q_s, k_s, q_t, k_t, mask, probs, token_pairs)
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, mask, lse_s, lse_t, delta, token_pairs)
         ctx.probs = probs
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        q_s, k_s, q_t, k_t, mask, lse_s, lse_t, delta = ctx.saved_tensors
+        q_s, k_s, q_t, k_t, mask, lse_s, lse_t, delta, token_pairs = ctx.saved_tensors
         dq_s, dk_s = torch.ops.xlmr_mini.attention_score_mse_bwd(
-            q_s, k_s, q_t, k_t, mask, grad_loss, lse_s, lse_t, delta, ctx.probs)
-        return dq_s, dk_s, None, None, None, None
+            q_s, k_s, q_t, k_t, mask, grad_loss, lse_s, lse_t, delta, ctx.probs, token_pairs)
+        return dq_s, dk_s, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,15 +509,17 @@ def attention_map_mse(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor) 
     return attention_map_mse_reference(a_s, a_t, mask)
 
 
-def attention_score_mse(q_s, k_s, q_t, k_t, mask) -> torch.Tensor:
-    """Masked L_att on pre-softmax scores from [L, B, H, T, d] queries and keys -> [L] fp32."""
+def attention_score_mse(q_s, k_s, q_t, k_t, mask, token_pairs=None) -> torch.Tensor:
+    """Masked L_att on pre-softmax scores from [L, B, H, T, d] queries and keys -> [L] fp32;
+    `token_pairs`: sum_b n_b^2 to divide by (the global batch's under data parallelism)."""
     if use_triton(q_s):
-        return AttentionScoreMSEFunction.apply(q_s, k_s, q_t, k_t, mask, False)
-    return attention_score_mse_reference(q_s, k_s, q_t, k_t, mask)
+        return AttentionScoreMSEFunction.apply(q_s, k_s, q_t, k_t, mask, False, token_pairs)
+    return attention_score_mse_reference(q_s, k_s, q_t, k_t, mask, token_pairs=token_pairs)
 
 
-def attention_prob_mse(q_s, k_s, q_t, k_t, mask) -> torch.Tensor:
-    """Masked L_att on attention probabilities from [L, B, H, T, d] queries and keys -> [L] fp32."""
+def attention_prob_mse(q_s, k_s, q_t, k_t, mask, token_pairs=None) -> torch.Tensor:
+    """Masked L_att on attention probabilities from [L, B, H, T, d] queries and keys -> [L] fp32;
+    `token_pairs` as in `attention_score_mse`."""
     if use_triton(q_s):
-        return AttentionScoreMSEFunction.apply(q_s, k_s, q_t, k_t, mask, True)
-    return attention_prob_mse_reference(q_s, k_s, q_t, k_t, mask)
+        return AttentionScoreMSEFunction.apply(q_s, k_s, q_t, k_t, mask, True, token_pairs)
+    return attention_prob_mse_reference(q_s, k_s, q_t, k_t, mask, token_pairs=token_pairs)

@@ -10,6 +10,8 @@ Definition, per layer l, with n = number of valid tokens:
 
 Pad positions are excluded with `torch.where`, so whatever they hold (even inf) never reaches the
 loss. A batch with no valid token gives loss 0 (the denominator is clamped to 1), not NaN.
+`tokens` replaces n by another count, e.g. the global batch's when each data-parallel rank holds a
+share of it (the loss is then the rank's part of the global one).
 
 Kernel: one launch over (layer, block of tokens); each program sums its squared differences in
 fp32 into its own slot of a partial-sum buffer, which is then summed in a fixed order, so the result
@@ -95,9 +97,10 @@ def layer_mse_config(L: int, N: int, D: int, dtype: torch.dtype) -> LaunchConfig
                         constexprs=dict(BLOCK_N=block_n, BLOCK_D=block_d))
 
 
-def _layer_mse_fwd_impl(student: torch.Tensor, teacher: torch.Tensor,
-                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss [L] fp32, d loss / d student [L, B, T, D] in the student's dtype)."""
+def _layer_mse_fwd_impl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                        tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss [L] fp32, d loss / d student [L, B, T, D] in the student's dtype); `tokens`
+    as in `layer_mse_reference`."""
     _check(student, teacher, mask)
     L, B, T, D = student.shape
     student, teacher = student.contiguous(), teacher.contiguous()
@@ -106,7 +109,7 @@ def _layer_mse_fwd_impl(student: torch.Tensor, teacher: torch.Tensor,
     n_blocks = config.grid[1]
     grad = torch.empty_like(student)
     partial = torch.zeros(L, max(n_blocks, 1), dtype=torch.float32, device=student.device)
-    denom = (valid.sum().clamp(min=1) * D).to(torch.float32).reshape(1)
+    denom = ((valid.sum() if tokens is None else tokens).clamp(min=1) * D).to(torch.float32).reshape(1)
     if L and n_blocks:
         launch(_layer_mse_kernel, config, student, teacher, valid, grad, partial, denom, B * T, D,
                n_blocks)
@@ -118,7 +121,7 @@ _layer_mse_fwd = torch.library.custom_op("xlmr_mini::layer_mse_fwd", _layer_mse_
 
 
 @_layer_mse_fwd.register_fake
-def _(student, teacher, mask):
+def _(student, teacher, mask, tokens=None):
     _check(student, teacher, mask)
     loss = student.new_empty(student.shape[0], dtype=torch.float32)
     return loss, student.new_empty(student.shape)  # contiguous, as the real op's
@@ -129,19 +132,21 @@ def _(student, teacher, mask):
 # ---------------------------------------------------------------------------------------------
 class LayerMSEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, mask):
-        loss, grad = torch.ops.xlmr_mini.layer_mse_fwd(student, teacher, mask)
+    def forward(ctx, student, teacher, mask, tokens=None):
+        loss, grad = torch.ops.xlmr_mini.layer_mse_fwd(student, teacher, mask, tokens)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype)[:, None, None, None], None, None
+        return grad * grad_loss.to(grad.dtype)[:, None, None, None], None, None, None
 
 
-def layer_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked per-layer MSE [L] (fp32); fused Triton where available, else the reference."""
+def layer_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+              tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked per-layer MSE [L] (fp32); fused Triton where available, else the reference.
+    `tokens`: the real-token count to divide by (the global batch's under data parallelism)."""
     if use_triton(student):
-        return LayerMSEFunction.apply(student, teacher, mask)
-    return layer_mse_reference(student, teacher, mask)
+        return LayerMSEFunction.apply(student, teacher, mask, tokens)
+    return layer_mse_reference(student, teacher, mask, tokens=tokens)

@@ -71,3 +71,17 @@ def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1, seed: int
         ids[row, 0], ids[row, n - 1] = 0, 2
     ids[mask == 0] = pad_id
     return ids, mask
+
+
+def tiny_demo_model(cache: Path, path: Path, hidden: int = 32, heads: int = 2, intermediate: int = 48) -> Path:
+    """A random 2-layer HF directory (32 wide unless told) over the demo's vocabulary and labels,
+    with its tokenizer and XLM-R's dropout 0.1: a teacher or base for runs whose scores do not matter."""
+    from xlmr_mini.checkpoint import save_hf
+    from xlmr_mini.copy_weights import scratch_state_dict
+    from xlmr_mini.data import build_demo
+    from xlmr_mini.demo_models import demo_architecture
+
+    task = build_demo(cache)
+    arch = demo_architecture(task).replace(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                                           intermediate_size=intermediate)
+    return save_hf(path, arch, scratch_state_dict(arch, 0), task.tokenizer_path)

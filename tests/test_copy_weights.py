@@ -366,7 +366,7 @@ def test_cli_writes_a_student_transformers_loads(tmp_path, teacher_dir, capsys):
     summary = capsys.readouterr().out.strip()
     assert summary.startswith("from-teacher: source layers 1,3,5,7,9,11 (0-based) -> 6 layers; hidden 32->16, heads 4x8->4x4, intermediate 64->32")
     assert "M ->" in summary and len(summary.splitlines()) == 1
-    assert (out / "tokenizer.json").read_bytes() == (teacher_dir / "tokenizer.json").read_bytes()
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads((teacher_dir / "tokenizer.json").read_text())
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
 
     hf, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
@@ -391,7 +391,7 @@ def test_cli_refuses_non_empty_out_and_bad_flags(tmp_path, teacher_dir, capsys):
     main(argv + ["--overwrite"])
     assert (out / "notes.txt").read_text() == "keep me" and (out / "model.safetensors").is_file()
     for bad, message in [
-        (["--out", str(teacher_dir), "--overwrite"], "is the source checkpoint directory"),
+        (["--out", str(teacher_dir), "--overwrite"], "contains the input --teacher"),
         (["--out", str(tmp_path / "x"), "--layers", "5"], "not whole; give an explicit layer map (--layer-map"),
         (["--out", str(tmp_path / "x"), "--layer-map", "0,2,x"], "--layer-map 0,2,x: expected integers"),
         (["--out", str(tmp_path / "x"), "--layers", "13"], "deeper than its 12-layer teacher"),

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from conftest import padded_batch
 from xlmr_mini import distributed, run_dir, study, study_estimate
+from xlmr_mini.checkpoint import save_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import StudentSpec
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, LossCounts
@@ -250,10 +251,12 @@ def test_study_passes_deterministic_to_every_run_without_changing_its_identity(t
     flags, and a run keeps its directory: determinism is not part of what a run computes."""
     args = study._parser().parse_args(["table2", "--deterministic"])
     assert args.deterministic is True and study._parser().parse_args(["table2"]).deterministic is None
+    base = save_model(tmp_path / "base", _tiny(2, 64, 0))
     runs = {}
-    for overrides in ((), (("deterministic", True),)):
-        settings = StudySettings(data="demo", base=str(tmp_path), seeds=(1,), out=tmp_path, overrides=overrides)
-        runs[overrides] = plan_runs(["table2"], Planner(settings, 2, 128))
+    for switch in ((), (("deterministic", True),)):
+        settings = StudySettings(data="demo", base=str(base), seeds=(1,), out=tmp_path,
+                                 overrides=(("cache-dir", str(tmp_path / "cache")), *switch))
+        runs[switch] = plan_runs(["table2"], Planner(settings, 2, 64))
     plain, det = runs.values()
     assert plain.keys() == det.keys()
     assert all("--deterministic" in r.argv for r in det.values() if r.tool == "train")

@@ -1,5 +1,6 @@
-"""Training under torchrun: 2 CPU processes (gloo) on the demo give the single-process run; a killed
-rank stops the job, and --resume finishes it; batch shares; bad input.
+"""Training under torchrun: 2 CPU processes (gloo) on the demo give the single-process run, with the
+reference KD loss and with the fused kernels; a killed rank stops the job, and --resume finishes
+it; batch shares.
 
 The teacher keeps XLM-R's dropout 0.1 and the runs pass --dropout 0 --attention-dropout 0: with
 dropout, each process draws masks for its own rows and no run on 2 processes can equal one on 1
@@ -18,17 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
-from xlmr_mini.checkpoint import save_hf
-from xlmr_mini.copy_weights import scratch_state_dict
-from xlmr_mini.data import build_demo
-from xlmr_mini.demo_models import demo_architecture
+from conftest import REPO, tiny_demo_model
 from xlmr_mini import distributed
 from xlmr_mini.distributed import TORCHRUN_VARS, share_rows
 from xlmr_mini.errors import InputError
-from xlmr_mini.run_setup import check_inputs
 from xlmr_mini.train import main
-from xlmr_mini.train_config import TrainConfig
 
 RUN_TIMEOUT_S = 180  # a hung collective must fail the test, not the CI job
 
@@ -40,15 +35,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(cache, tmp_path_factory) -> Path:
-    """A random 2-layer teacher on the demo's vocabulary and labels, XLM-R's dropout 0.1 (KD needs
-    no trained teacher to compare two runs)."""
-    task = build_demo(cache)
-    cfg = demo_architecture(task).replace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          intermediate_size=128)
-    assert cfg.hidden_dropout_prob == cfg.attention_probs_dropout_prob == 0.1
-    out = tmp_path_factory.mktemp("teacher")
-    save_hf(out, cfg, scratch_state_dict(cfg, 0), task.tokenizer_path)
-    return out
+    return tiny_demo_model(cache, tmp_path_factory.mktemp("teacher"), hidden=64, heads=4, intermediate=128)
 
 
 def _args(teacher: Path, cache: Path, out: Path, steps: int, eval_steps: int, device: str = "cpu") -> list[str]:
@@ -99,11 +86,14 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(wb[key], wa[key], atol=atol, rtol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("accum", [1, 3], ids=["one-pass", "grad-accum"])
-def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path, accum):
-    """Also with --grad-accum: each process runs its share in passes, gradients all-reduced once."""
-    main(_args(teacher, cache, tmp_path / "one", 6, 3))
-    two_args = _args(teacher, cache, tmp_path / "two", 6, 3) + ["--grad-accum", str(accum)]
+@pytest.mark.parametrize("impl, accum", [("reference", 1), ("reference", 3), ("fused", 1)],
+                         ids=["one-pass", "grad-accum", "fused"])
+def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path, impl, accum):
+    """Also with --grad-accum: each process runs its share in passes, gradients all-reduced once.
+    Fused: the kernels (interpreted on CPU) divide by the global batch's counts too."""
+    impl_args = ["--kd-impl", impl] + (["--max-length", "24"] if impl == "fused" else [])  # interpreted: short rows
+    main(_args(teacher, cache, tmp_path / "one", 6, 3) + impl_args)
+    two_args = _args(teacher, cache, tmp_path / "two", 6, 3) + impl_args + ["--grad-accum", str(accum)]
     code, out = _finish(_torchrun(two_args, uuid.uuid4().hex))
     assert code == 0, out[-3000:]
     _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
@@ -114,6 +104,7 @@ def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path, a
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["steps"] == 6 and (tmp_path / "two" / "best" / "model.safetensors").is_file()
+    assert results["kd_impl"] == {"asked": impl, "used": impl}
     assert out.count("wrote ") == 1  # only rank 0 prints the summary
 
 
@@ -201,10 +192,3 @@ def test_a_local_rank_beyond_several_visible_gpus_is_bad_input(monkeypatch):
     _torchrun_env(monkeypatch, 2, 2)
     with pytest.raises(InputError, match="local rank 2 has no GPU of its own \\(2 visible\\)"):
         distributed._local_device(torch.device("cuda"))
-
-
-def test_fused_kernels_under_torchrun_are_bad_input(monkeypatch):
-    for name, value in zip(TORCHRUN_VARS, ("0", "2", "0", "127.0.0.1", "29500")):
-        monkeypatch.setenv(name, value)
-    with pytest.raises(InputError, match="--kd-impl fused.*torchrun"):
-        check_inputs(TrainConfig(kd_impl="fused"))

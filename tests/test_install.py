@@ -42,3 +42,13 @@ def test_pip_install_layout(tmp_path, editable):
         assert kernels_file.startswith(str(REPO)) and data_file.startswith(str(REPO))
     else:
         assert "site-packages" in kernels_file and "site-packages" in data_file
+
+
+def test_a_top_level_kernels_import_loads_no_second_copy():
+    """From the repository root the `kernels` folder is importable under that name too, and
+    transformers imports it while probing for the Hub's `kernels` package: that import must not
+    load the kernel modules again (it would rebind the xlmr_mini::* custom ops to the copy)."""
+    code = ("import importlib, sys; import xlmr_mini.kernels; importlib.import_module('kernels'); "
+            "print(sorted(k for k in sys.modules if k.startswith('kernels.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -241,11 +241,14 @@ def test_tinybert_norm_needs_the_reference_impl():
         KDLossConfig(loss_norm="tinybert", impl="fused")
 
 
-@pytest.mark.parametrize("norm,target", [("masked", "probs"), ("masked", "scores"), ("tinybert", "probs")])
-def test_shares_with_global_counts_add_up_to_the_whole_batch(norm, target):
+@pytest.mark.parametrize("norm,target,impl", [("masked", "probs", "reference"), ("masked", "scores", "reference"),
+                                              ("tinybert", "probs", "reference"), ("masked", "probs", "fused"),
+                                              ("masked", "scores", "fused")])
+def test_shares_with_global_counts_add_up_to_the_whole_batch(norm, target, impl):
     """Data parallel: each share of a batch (rows keep the batch's padded length) divided by the
     whole batch's counts gives a part of the loss; the parts, and their gradients, add up to the
-    whole batch's loss and gradient. Counts of the whole batch itself change nothing."""
+    whole batch's loss and gradient. Counts of the whole batch itself change nothing. The fused
+    kernels (interpreted on CPU) take the counts as the reference does."""
     from conftest import padded_batch
     from xlmr_mini.kd_loss import LossCounts
 
@@ -253,7 +256,7 @@ def test_shares_with_global_counts_add_up_to_the_whole_batch(norm, target):
     proj = HiddenProjection(32, 32)
     ids, mask = padded_batch(50, [9, 2, 5, 7, 3])
     labels = torch.tensor([0, 2, 1, 1, 0])
-    cfg = KDLossConfig(att_target=target, loss_norm=norm)
+    cfg = KDLossConfig(att_target=target, loss_norm=norm, impl=impl)
     shares = [[0, 3], [1, 2, 4]]
     counts = LossCounts.unstack(sum(LossCounts.of(mask[rows]).stack() for rows in shares))
     assert counts == LossCounts.of(mask)

@@ -42,9 +42,9 @@ def test_readme_pipeline_runs_as_written(tmp_path, monkeypatch, capsys):
     save_hf(base, cfg, scratch_state_dict(cfg, 0), XLMR_TOKENIZER)
     monkeypatch.chdir(tmp_path)  # the commands' relative paths (runs/teacher, ...) land here
     for command, module in zip(commands, modules):
-        text = (command.replace("xlm-roberta-base/", str(base)).replace("tweet_sentiment_multilingual/", str(TSM))
+        text = (command.replace("xlm-roberta-base/", str(base)).replace("tweet_sentiment_multilingual/", f"{TSM}/")
                 .replace("--hidden 384", "--hidden 16"))
-        argv = shlex.split(text)[3:] + QUICK[module]
+        argv = shlex.split(text)[3:] + QUICK.get(module, [])
         argv += ["--cache-dir", str(tmp_path / "cache")] if module in CACHED else []
         importlib.import_module(f"xlmr_mini.{module}").main(argv)
         assert "error" not in capsys.readouterr().err, command

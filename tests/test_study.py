@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, requires_shared
+from conftest import SHARED, requires_shared, tiny_demo_model
 from xlmr_mini.checkpoint import save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import INITS, scratch_state_dict
 from xlmr_mini.data import build_demo
+from xlmr_mini.run_identity import model_fingerprint
 from xlmr_mini.study import main
+from xlmr_mini.study_plan import Planner, StudySettings, plan_runs
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import parse_config
 
@@ -105,7 +108,7 @@ def _selected_seed(out: Path, langs: str) -> int:
     return max(sorted(scores), key=lambda seed: scores[seed])
 
 
-def test_teachers_train_with_every_seed_and_the_best_teaches(demo_study):
+def test_teachers_train_with_every_seed_and_the_best_teaches(demo_study, cache):
     out, _ = demo_study
     for langs in ("all", "seen", "english"):
         assert len(list((out / "runs").glob(f"teacher-{langs}-seed*/results.json"))) == 2, langs
@@ -113,7 +116,7 @@ def test_teachers_train_with_every_seed_and_the_best_teaches(demo_study):
         [selection] = (out / "runs").glob(f"teacher-{langs}-selected-*")
         assert (selection / "best").resolve() == next((out / "runs").glob(f"teacher-{langs}-seed{seed}-*")).resolve() / "best"
         students = [json.loads(p.read_text())["identity"]["teacher"] for p in (out / "runs").glob("student-*/run.json")]
-        assert str(selection / "best") in students
+        assert model_fingerprint(selection / "best", cache) in students  # the selected teacher, by content
     md = (out / "table3.md").read_text()
     note = next(line for line in md.splitlines() if line.startswith("Teachers, one per seed"))
     seed = _selected_seed(out, "seen")
@@ -185,6 +188,94 @@ def test_bad_input_is_one_line_exit_2(cache, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["table9", "--data", "demo"])
     assert e.value.code == 2
+
+
+def test_a_moved_study_finds_its_runs(demo_study, cache, tmp_path, capsys):
+    out, _ = demo_study
+    moved = Path(shutil.copytree(out, tmp_path / "moved"))
+    main(["table5", "--data", "demo", "--seed", "1", "2", "--out", str(moved), "--cache-dir", str(cache)] + QUICK)
+    assert "0 to run" in capsys.readouterr().out
+    assert _rows(moved / "table5.csv") == _rows(out / "table5.csv")
+
+
+def test_run_keys_follow_content_not_paths(cache, tmp_path):
+    base = tiny_demo_model(cache, tmp_path / "base")
+    data = tmp_path / "tsm"
+    (data / "english").mkdir(parents=True)
+    (data / "english" / "train_text.txt").write_text("good\nbad\n")
+
+    def keys(out: str) -> list[str]:
+        s = StudySettings(data=f"tsm:{data}", base=str(base), seeds=(1,), out=tmp_path / out)
+        return sorted(plan_runs(["table5"], Planner(s, 2, 32)))
+
+    first = keys("a")
+    assert keys("b") == first  # another study folder: the same runs
+    (data / "english" / "train_text.txt").write_text("good\nbad\nugly\n")
+    assert not set(keys("a")) & set(first)  # the data changed: every run is another
+
+
+def test_a_study_out_reused_with_other_settings_is_refused(cache, tmp_path, capsys):
+    common = ["table5", "--data", "demo", "--base", str(tiny_demo_model(cache, tmp_path / "base")), "--seed", "1",
+              "--out", str(tmp_path / "s"), "--cache-dir", str(cache), "--num-threads", "1"]
+    main(common + ["--max-steps", "1"])
+    table = (tmp_path / "s" / "table5.md").read_text()
+    assert "--max-steps 1" in table
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--max-steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "other settings" in err and "max-steps" in err
+    assert (tmp_path / "s" / "table5.md").read_text() == table
+    main(common + ["--max-steps", "2", "--overwrite"])
+    assert "--max-steps 2" in (tmp_path / "s" / "table5.md").read_text()
+    assert len({r["settings"] for r in _rows(tmp_path / "s" / "table5.csv")}) == 1
+
+
+def _children(pid: int) -> list[int]:
+    """The pool workers among `pid`'s child processes."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table in /proc (Linux)")
+def test_kill_9_of_a_parallel_study_ends_its_workers(cache, tmp_path):
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "xlmr_mini.study", "table4", "--data", "demo", "--seed", "1", "--jobs", "2",
+           "--base", str(tiny_demo_model(cache, tmp_path / "base")), "--max-steps", "100000", "--num-threads", "1",
+           "--out", str(out), "--cache-dir", str(cache)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(out.glob("runs/*/run.json")):  # a worker is training
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert workers
+        os.kill(proc.pid, signal.SIGKILL)  # the study alone, not its process group
+        proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(map(_alive, workers)):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of it
+        except ProcessLookupError:
+            pass
 
 
 def _study_cmd(out: Path, cache: Path) -> list[str]:
@@ -274,7 +365,7 @@ def test_figure3_plots_window_means_read_once(tmp_path):
     from xlmr_mini.study_plan import Planner, StudySettings
     from xlmr_mini.study_report import Results, figure_title
 
-    planner = Planner(StudySettings(data="tsm:x", base="b", seeds=(1,), out=tmp_path), 2, 32)
+    planner = Planner(StudySettings(data=f"tsm:{tmp_path}", base="b", seeds=(1,), out=tmp_path), 2, 32)
     run = planner.add("figure3", "student", "evaluate", {"x": 1})
     path = planner.path(run) / "metrics.jsonl"
     path.parent.mkdir(parents=True)
@@ -320,3 +411,21 @@ def test_dry_run_times_the_trimmed_vocabulary_training_uses(cache, tmp_path, mon
     kept = used | set(always_kept(json.loads(tokenizer.read_text(encoding="utf-8"))))
     assert len(sizes) == 5 and {v for v, _ in sizes} == {len(kept)}
     assert all(top < vocab < 60_000 for vocab, top in sizes)
+
+
+def test_precision_and_kd_options_pass_through_to_every_run(cache, tmp_path):
+    cmds = tmp_path / "cmds.txt"
+    main(["table4", "--data", "demo", "--seed", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
+          "--precision", "bf16", "--att-target", "scores", "--kd-impl", "fused", "--compile", "--emit-commands",
+          str(cmds)] + QUICK)
+    trains = [line.split(" -m xlmr_mini.train ")[1].split() for line in cmds.read_text().splitlines()
+              if " -m xlmr_mini.train " in line]
+    assert len(trains) == 1 + 3  # the teacher, three KD students
+    for argv in trains:
+        cfg = parse_config(argv)
+        assert (cfg.precision, cfg.att_target, cfg.kd_impl, cfg.compile) == ("bf16", "scores", "fused", "on"), argv
+    default = tmp_path / "default.txt"
+    main(["table4", "--data", "demo", "--seed", "1", "--out", str(tmp_path / "d"), "--cache-dir", str(cache),
+          "--emit-commands", str(default)] + QUICK)
+    assert all(parse_config(line.split(" -m xlmr_mini.train ")[1].split()).precision == "fp32"
+               for line in default.read_text().splitlines() if " -m xlmr_mini.train " in line)

@@ -30,9 +30,14 @@ def transformers_ids(model_dir, texts: list[str]) -> list[list[int]]:
     return AutoTokenizer.from_pretrained(model_dir)(texts).input_ids
 
 
+@pytest.fixture(scope="module")
+def xlmr():
+    return Tokenizer(XLMR_TOKENIZER)
+
+
 @requires_shared("tokenizers", "xlm-roberta", "tokenizer.json")
-def test_real_xlmr_tokenizer_ids():
-    tok = Tokenizer(XLMR_TOKENIZER)
+def test_real_xlmr_tokenizer_ids(xlmr):
+    tok = xlmr
     assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 250002)
     assert tok.encode_ids(["Hello, my dog is cute"]) == [[0, 35378, 4, 759, 10269, 83, 99942, 2]]
     # XLM-R's tokenizer.json as published adds a `▁` piece (id 6) for a trailing space; SentencePiece
@@ -42,8 +47,8 @@ def test_real_xlmr_tokenizer_ids():
 
 
 @requires_shared("tokenizers", "xlm-roberta", "tokenizer.json")
-def test_truncation_and_dynamic_padding():
-    tok = Tokenizer(XLMR_TOKENIZER)
+def test_truncation_and_dynamic_padding(xlmr):
+    tok = xlmr
     ids = tok.encode_ids(["Hello, my dog is cute", "Hi"], max_length=5)
     assert ids == [[0, 35378, 4, 759, 2], [0, 2673, 2]]
     input_ids, mask = tok.pad(ids)
@@ -112,7 +117,7 @@ def test_trim_and_pipeline_on_a_demo_student(demo_student):
 @requires_shared("tokenizers", "xlm-roberta", "tokenizer.json")
 @requires_shared("data", "tweet_sentiment_multilingual")
 @requires_shared("data", "massive", "1.1", "data")
-def test_every_tsm_and_massive_text_tokenizes_as_in_transformers(tmp_path):
+def test_every_tsm_and_massive_text_tokenizes_as_in_transformers(xlmr, tmp_path):
     """Training's tokenizer, `tokenizers` on the saved tokenizer.json and transformers' AutoTokenizer
     give the same ids on every text of both datasets, with the full and the trimmed vocabulary."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -121,7 +126,7 @@ def test_every_tsm_and_massive_text_tokenizes_as_in_transformers(tmp_path):
     save_hf(tmp_path / "full", cfg, scratch_state_dict(cfg, 0), XLMR_TOKENIZER)
     tok = Tokenizer(tmp_path / "full")
     # Training reads the published file through the same pipeline as the saved one.
-    assert json.loads(Tokenizer(XLMR_TOKENIZER)._tok.to_str()) == json.loads(tok._tok.to_str())
+    assert json.loads(xlmr._tok.to_str()) == json.loads(tok._tok.to_str())
     full_vocab = tok._tok.get_vocab()
     for spec in (f"tsm:{TSM}", f"massive:{MASSIVE}"):
         splits = load_task(spec).splits.values()

@@ -153,7 +153,7 @@ def test_study_refuses_repeated_seeds_and_bad_overrides(model, cache, tmp_path, 
     ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob is 1.5; expected a number in [0, 1)"),
     ({"pad_token_id": True}, "pad_token_id is true; expected a non-negative integer"),
     ({"id2label": {"0": "a", "2": "c"}}, "id2label has no label for id 1"),
-    ({"id2label": ["a", "b"]}, "id2label is"),
+    ({"id2label": ["a", "b"]}, "id2label must be an object of label names by id"),
 ])
 def test_malformed_config_is_one_line(changes, expect, model, tmp_path, capsys):
     bad = _variant(model, tmp_path / "bad", changes)

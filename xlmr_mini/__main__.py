@@ -23,7 +23,9 @@ def commands() -> dict[str, str]:
 
 def _summary(source: str) -> str:
     first = (ast.get_docstring(ast.parse(source)) or "-").strip().splitlines()[0].replace("`", "")
-    return first.split(": ", 1)[1] if first.startswith("python -m") else first  # the usage is the listing's
+    # The listing gives the usage: drop a docstring's own "python -m xlmr_mini.X ...".
+    first = first.split(": ", 1)[1] if first.startswith("python -m") else first.split(": python -m")[0].rstrip(".") + "."
+    return first[:1].upper() + first[1:]
 
 
 def main() -> None:

@@ -114,8 +114,8 @@ def check_max_length(max_length: int, cfg: XLMRConfig | None = None) -> None:
         raise InputError(f"--max-length {max_length}: the model has positions for at most {cfg.max_tokens} tokens")
 
 
-# config.json key -> (what it must be, its check): sizes are positive integers, token ids
-# non-negative integers, probabilities in [0, 1), the rest positive numbers.
+# What config.json's keys must hold: sizes are positive integers, token ids non-negative integers,
+# dropouts probabilities (classifier_dropout may be null), the rest (epsilon, init range) positive.
 _COUNTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
            "max_position_embeddings", "type_vocab_size")
 _IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
@@ -123,12 +123,12 @@ _PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classi
 
 
 def _check_value(key: str, value, source: str) -> None:
-    if key in _COUNTS + _IDS:
-        wanted, ok = ("a positive integer" if key in _COUNTS else "a non-negative integer"), \
-            type(value) is int and value >= (1 if key in _COUNTS else 0)
+    if key in _COUNTS:
+        wanted, ok = "a positive integer", type(value) is int and value >= 1
+    elif key in _IDS:
+        wanted, ok = "a non-negative integer", type(value) is int and value >= 0
     elif key in _PROBABILITIES:
-        wanted, ok = "a number in [0, 1)", (value is None and key == "classifier_dropout") or (
-            _is_number(value) and 0 <= value < 1)
+        wanted, ok = "a number in [0, 1)", value is None or (_is_number(value) and 0 <= value < 1)
     else:  # layer_norm_eps, initializer_range
         wanted, ok = "a positive number", _is_number(value) and value > 0
     if not ok:
@@ -149,7 +149,7 @@ def _id2label(d: dict, source: str) -> tuple[str, ...]:
         return tuple(f"LABEL_{i}" for i in range(n))
     id2label = d["id2label"]
     if not isinstance(id2label, dict) or not id2label:
-        raise InputError(f"{source}: id2label is {json.dumps(id2label)}; expected an object of label names by id")
+        raise InputError(f'{source}: id2label must be an object of label names by id ({{"0": "name", ...}})')
     names = {str(k): v for k, v in id2label.items()}
     missing = [i for i in range(len(names)) if str(i) not in names]
     if missing:

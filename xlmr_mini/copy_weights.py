@@ -68,6 +68,7 @@ from xlmr_mini.checkpoint import (
 )
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.errors import InputError, IntList, cli_main
+from xlmr_mini.files import check_apart
 from xlmr_mini.model import XLMRClassifier, init_weights
 
 log = logging.getLogger(__name__)
@@ -344,12 +345,10 @@ def _fmt(items, limit: int = 12) -> str:
     return shown + (f",... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
+def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
-    for src in sources:
-        if out.exists() and out.resolve() == src.resolve():
-            raise InputError(f"--out {out}: is the source checkpoint directory; write the student elsewhere")
+    check_apart("--out", out, inputs)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"--out {out}: directory is not empty; pass --overwrite to replace its config.json/model.safetensors/tokenizer.json")
 
@@ -388,7 +387,7 @@ def main(argv=None) -> None:
         id2label=tuple(x.strip() for x in args.labels.split(",")) if args.labels else None,
     )
     sources = [p for p in (args.teacher, args.base) if p is not None]
-    _check_out(args.out, args.overwrite, sources)
+    _check_out(args.out, args.overwrite, {"--teacher": args.teacher, "--base": args.base})
     cfg, sd = init_student(args.init, spec, teacher=args.teacher, base=args.base, seed=args.seed)
     source = args.base if args.init == "from-base" else args.teacher if args.teacher is not None else args.base
     source_cfg = XLMRConfig.from_hf(source)

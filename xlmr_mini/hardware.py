@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -98,25 +99,41 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, the CPU model otherwise."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def cached_probe(cache_dir: str | Path, kind: str, machine: str, probe: Callable[[], dict],
+                 refresh: bool = False) -> tuple[dict, bool]:
+    """(`probe()`'s result, whether it came from the cache): run once per `machine` (the hardware
+    and software it depends on) and cached as JSON in `cache_dir/hardware/`."""
+    path = Path(cache_dir) / "hardware" / f"{kind}-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
+    if path.is_file() and not refresh:
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), True
+        except json.JSONDecodeError:
+            pass
+    result = probe()
+    atomic_write(path, json.dumps(result, indent=1) + "\n")
+    return result, False
+
+
 def cpu_bf16_speedup(cache_dir: str | Path, refresh: bool = False) -> dict:
     """fp32 time / bf16 time of one matmul on this CPU, measured once per CPU model and torch
     version and cached in `cache_dir/hardware/`: {"cpu", "torch", "fp32_s", "bf16_s", "speedup"}."""
     machine = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()} threads"
-    path = Path(cache_dir) / "hardware" / f"bf16-probe-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
-    if path.is_file() and not refresh:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            pass
+    return cached_probe(cache_dir, "bf16-probe", machine, _bf16_probe, refresh)[0]
+
+
+def _bf16_probe() -> dict:
     tokens, n_in, n_out = PROBE_SHAPE
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(tokens, n_in, generator=g), torch.randn(n_in, n_out, generator=g)
     times = {dtype: _median_time(lambda a=x.to(dtype), b=w.to(dtype): a @ b) for dtype in (torch.float32, torch.bfloat16)}
-    result = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "fp32_s": times[torch.float32], "bf16_s": times[torch.bfloat16],
-              "speedup": times[torch.float32] / times[torch.bfloat16]}
-    atomic_write(path, json.dumps(result, indent=1) + "\n")
-    return result
+    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "fp32_s": times[torch.float32], "bf16_s": times[torch.bfloat16],
+            "speedup": times[torch.float32] / times[torch.bfloat16]}
 
 
 def _median_time(fn, repeats: int = 5) -> float:

@@ -49,8 +49,7 @@ ranks, `kd_loss(..., counts=LossCounts)` divides each rank's local sums by the g
 counts (all-reduced by the caller, `distributed.global_counts`), so the ranks' losses add up to
 the single-process loss of the global batch, and so do their gradients (the caller multiplies by
 the world size, as DDP averages gradients over ranks). `counts=None` (one process) is the plain
-means, unchanged. The reference implementation only: the fused kernels take their denominators
-from the local batch.
+means, unchanged. Both implementations take them (the kernels read their denominators from them).
 """
 import dataclasses
 
@@ -178,26 +177,26 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def _hidden_mse(h_s, h_t, mask, fused: bool, counts: LossCounts | None) -> torch.Tensor:
     """[L, B, T, D] pair -> [L]."""
-    if fused:
-        return layer_mse(h_s, h_t.to(h_s.dtype), mask)
     tokens = None if counts is None else counts.tokens
+    if fused:
+        return layer_mse(h_s, h_t.to(h_s.dtype), mask, tokens)
     return layer_mse_reference(h_s, h_t, mask, upcast=_upcast(h_s), tokens=tokens)
 
 
 def _attention_mse(s: Output, t: Output, pos: list[int], mask, cfg: KDLossConfig,
                    counts: LossCounts | None) -> torch.Tensor:
     """[L] over student layers; teacher layer of student layer i is t's tapped entry pos[i]."""
+    pairs = None if counts is None else counts.token_pairs
     if cfg.impl == "fused":
         q_s, k_s = torch.stack(s.q), torch.stack(s.k)  # [L, B, H, T, d_s]
         q_t = torch.stack([t.q[p] for p in pos]).to(q_s.dtype)  # [L, B, H, T, d_t]
         k_t = torch.stack([t.k[p] for p in pos]).to(q_s.dtype)
         fn = attention_score_mse if cfg.att_target == "scores" else attention_prob_mse
-        return fn(q_s, k_s, q_t, k_t, mask)
+        return fn(q_s, k_s, q_t, k_t, mask, pairs)
     maps_s = s.scores if cfg.att_target == "scores" else s.probs
     maps_t = t.scores if cfg.att_target == "scores" else t.probs
     a_s = torch.stack(maps_s)  # [L, B, H, T, T]
     a_t = torch.stack([maps_t[p] for p in pos])
-    pairs = None if counts is None else counts.token_pairs
     return attention_map_mse_reference(a_s, a_t, mask, upcast=_upcast(a_s), token_pairs=pairs)
 
 
@@ -239,8 +238,6 @@ def _kd_terms(s: Output, t: Output, mask, cfg: KDLossConfig, proj, layer_map,
         raise ValueError(f"layer_map has {len(layer_map)} entries for {len(s.hidden)} tapped student layers")
     pos = teacher_positions(layer_map)
     fused = cfg.impl == "fused"
-    if fused and counts is not None:
-        raise InputError("--kd-impl fused runs on one process only; use --kd-impl reference under torchrun")
     proj = proj if proj is not None else (lambda a, b: (a, b))
     logits_count = None if counts is None else counts.rows * s.logits.shape[-1]
     if cfg.loss_norm == "tinybert":

@@ -21,7 +21,9 @@ def selection(cfg: TrainConfig, setup: Setup) -> dict:
 
 
 def finish_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, prog, wall_s: float,
-                precision: str) -> dict:
+                precision: str, step_impl: dict) -> dict:
+    """Score the best model on the final split; results.json. `step_impl`: how the step ran
+    (`StepPlan.record`: kd_impl and compile, asked and used)."""
     best = load_model(out / "best", device=device)
     final_split, unk_id = setup.splits["final"], setup.tokenizer.unk_id
     if setup.vocab is not None and best.cfg.vocab_size != setup.vocab.size:  # saved with the full vocabulary
@@ -36,7 +38,7 @@ def finish_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, pr
                     "heads": best.cfg.num_attention_heads,
                     "parameters": sum(p.numel() for p in best.parameters()),
                     "vocab": best.cfg.vocab_size},
-        "trained_vocab": setup.vocab.size if setup.vocab is not None else None, "precision": precision,
+        "trained_vocab": setup.vocab.size if setup.vocab is not None else None, "precision": precision, **step_impl,
         "teacher": str(setup.teacher_dir) if setup.teacher_dir else None,
         "wall_s": round(wall_s, 1), "config": dataclasses.asdict(cfg),
     }

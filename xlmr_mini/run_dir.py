@@ -1,6 +1,7 @@
-"""The run directory: out-dir claims and same-run checks, the training checkpoint, metrics.jsonl.
+"""The run directory: out-dir claims, locks and same-run checks, the training checkpoint, metrics.jsonl.
 
-    out/run.json         the settings that define the run (compared on --resume)
+    out/run.json         the run's identity (`run_identity`: settings and input content), compared
+                         with every later command on this --out
     out/metrics.jsonl    one record per --logging-steps training steps (their means) and per evaluation
     out/results.json     final numbers and the full configuration
     out/best/            the best model on dev, an HF directory
@@ -9,12 +10,17 @@
                          the data position. A finished run removes it unless --keep-checkpoint.
     out/tensorboard/     the same records as TensorBoard events (--report-to tensorboard)
 
-Every write is atomic: a crash leaves the previous file or checkpoint, never half of one.
+Every write is atomic: a crash leaves the previous file or checkpoint, never half of one. A
+process writing a run holds `.<out name>.lock` beside it; with --overwrite the new run is written
+in `.<out name>.overwrite` and replaces the old one only once it is complete.
 """
+import dataclasses
+import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -24,6 +30,7 @@ from xlmr_mini.checkpoint import hf_state_dict, save_hf
 from xlmr_mini.errors import InputError
 from xlmr_mini.files import atomic_write, disk_space, readable, reports_full_disk
 from xlmr_mini.kd_step import StepContext
+from xlmr_mini.run_identity import differences
 from xlmr_mini.train_config import TrainConfig
 from xlmr_mini.vocab import expand_state_dict, full_config, trim_tokenizer
 
@@ -207,14 +214,20 @@ RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "best", "checkpoint", 
              ".best.tmp", ".best.old", "tensorboard")
 
 
+def _is_run_file(entry: Path) -> bool:
+    return entry.name in RUN_FILES or entry.name.startswith("seed-")
+
+
 def clear_run(out: Path) -> None:
     """Remove a previous run's files from `out` (only those this command writes)."""
     if not out.is_dir():
         return
-    for entry in [out / name for name in RUN_FILES] + sorted(out.glob("seed-*")):
+    for entry in sorted(out.iterdir()):
+        if not _is_run_file(entry):
+            continue
         if entry.is_dir():
             shutil.rmtree(entry)
-        elif entry.exists():
+        else:
             entry.unlink()
 
 
@@ -224,35 +237,111 @@ def default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{data}-{cfg.init}{layers}-{'nokd' if cfg.no_kd else 'kd'}"
 
 
-def claim_out(cfg: TrainConfig, out: Path) -> None:
-    """Check that `out` is free for this run (or holds it, with --resume); write run.json."""
-    run_file = out / "run.json"
+@dataclasses.dataclass
+class Claim:
+    """An output directory claimed by this process (`lock` held until `release`). `work` is where
+    the run is written: `out` itself, or a sibling while --overwrite replaces a run in `out`
+    (`replace_run` swaps it in). `finished`: `out` already holds this run, finished."""
+
+    out: Path
+    work: Path
+    finished: bool
+    lock: IO
+
+    def finish(self) -> None:
+        """Once the run in `work` is complete (or stopped with a checkpoint), put it in `out`."""
+        if self.work != self.out:
+            replace_run(self.work, self.out)
+
+    def release(self) -> None:
+        self.lock.close()
+
+
+def _sibling(out: Path, role: str) -> Path:
+    return out.with_name(f".{out.name}.{role}")
+
+
+def claim_out(cfg: TrainConfig, out: Path, identity: dict) -> Claim:
+    """Lock `out` for this run and check that it is free for it (or holds it: finished, or to
+    resume); write run.json. Nothing is deleted here but an unstarted run's leftovers."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
-    if cfg.overwrite:
-        clear_run(out)
-    elif run_file.is_file():
-        with readable(run_file, "pass --overwrite to start the run over, or choose another --out"):
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-        _check_same_run(cfg, out, previous)
-    elif out.is_dir() and any((out / name).exists() for name in ("checkpoint", "best", "metrics.jsonl", "results.json")):
-        raise InputError(f"--out {out}: holds training output without run.json; pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(run_file, {"identity": cfg.identity()})
+    out = out.resolve()
+    lock = _lock(out)
+    try:
+        if not out.exists() and _sibling(out, "replaced").exists() and _sibling(out, "overwrite").exists():
+            replace_run(_sibling(out, "overwrite"), out)  # a swap cut short: the new run is complete
+        work, finished = out, False
+        if cfg.overwrite and out.is_dir() and any(map(_is_run_file, out.iterdir())):
+            work = _sibling(out, "overwrite")
+            shutil.rmtree(work, ignore_errors=True)
+        elif (out / "run.json").is_file():
+            with readable(out / "run.json", "pass --overwrite to start the run over, or choose another --out"):
+                previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
+            finished = _check_same_run(cfg, out, previous, identity)
+        elif out.is_dir() and any((out / name).exists() for name in ("checkpoint", "best", "metrics.jsonl", "results.json")):
+            raise InputError(f"--out {out}: holds training output without run.json; pass --overwrite to replace it")
+        work.mkdir(parents=True, exist_ok=True)
+        if not finished:
+            write_json(work / "run.json", {"identity": identity})
+        return Claim(out=out, work=work, finished=finished, lock=lock)
+    except BaseException:
+        lock.close()
+        raise
 
 
-def _check_same_run(cfg: TrainConfig, out: Path, previous: dict) -> None:
-    old, new = previous.get("identity", {}), json.loads(json.dumps(cfg.identity()))
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diff:
-        shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:3])
+def _lock(out: Path) -> IO:
+    """An exclusive lock on `.<name>.lock` beside `out` (beside it, so that swapping `out` keeps
+    it): a second process writing the same run stops with one line; the lock ends with the process."""
+    path = _sibling(out, "lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create its lock file {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise InputError(f"--out {out}: another process{f' (pid {holder})' if holder else ''} is writing this run; "
+                         f"wait for it to end or choose another --out") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _check_same_run(cfg: TrainConfig, out: Path, previous: dict, identity: dict) -> bool:
+    """True when `out` holds this run finished; raises when it holds another run, or this one
+    unfinished without --resume."""
+    shown = differences(previous.get("identity", {}), identity)
+    if shown:
         raise InputError(f"--out {out}: holds a different run ({shown}); choose another --out or pass --overwrite")
-    unfinished = not (out / "results.json").exists() and any(out.glob("**/checkpoint"))
-    if unfinished and not cfg.resume:
+    if (out / "results.json").is_file():
+        return True
+    started = any(out.glob("**/checkpoint")) or any(out.glob("seed-*/results.json"))
+    if started and not cfg.resume:
         raise InputError(f"--out {out}: holds an unfinished run of these settings; pass --resume to continue it "
                          f"or --overwrite to start over")
-    if not cfg.resume:
-        clear_run(out)
+    if not started:
+        clear_run(out)  # a run stopped before its first checkpoint: nothing to keep
+    return False
+
+
+def replace_run(work: Path, out: Path) -> None:
+    """Put the run written in `work` in place of the one in `out`: the old run is removed only
+    after the new one has taken its place; files in `out` that no run writes are kept."""
+    old = _sibling(out, "replaced")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(work, out)
+    for entry in sorted(old.iterdir()) if old.is_dir() else []:
+        if not _is_run_file(entry) and not (out / entry.name).exists():
+            os.replace(entry, out / entry.name)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def seed_dirs(cfg: TrainConfig, out: Path) -> list[tuple[int, Path]]:

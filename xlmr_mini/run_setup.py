@@ -27,6 +27,7 @@ from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
 from xlmr_mini.kd_step import (StepContext, Trained, bf16_frozen_linears, compile_forward_loss, linear_schedule,
                                make_optimizer)
 from xlmr_mini.model import XLMRClassifier
+from xlmr_mini.step_impl import StepPlan
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_EPOCHS, DEMO_LR, PAPER_EPOCHS, PAPER_LR, TrainConfig
 from xlmr_mini.vocab import WORD_KEY, VocabTrim, always_kept, kept_ids, trim_config, trim_state_dict
@@ -108,9 +109,6 @@ def check_inputs(cfg: TrainConfig) -> None:
         check_output_dir(cfg.out, "--out")
     if cfg.cache_dir is not None:
         check_output_dir(cfg.cache_dir, "--cache-dir")
-    if cfg.kd_impl == "fused" and not cfg.no_kd and distributed.launched():
-        raise InputError("--kd-impl fused: runs on one process only (its kernels normalise by the local batch); "
-                         "use --kd-impl reference under torchrun")
 
 
 def _encode(cfg: TrainConfig, task: TaskData, tok: Tokenizer, remap: np.ndarray, final_name: str) -> dict:
@@ -169,8 +167,9 @@ def check_models(cfg: TrainConfig, setup: Setup) -> None:
     """What the student's and teacher's sizes must satisfy, from their config.json alone: checked
     before the run writes anything."""
     teacher_cfg = XLMRConfig.from_hf(setup.teacher_dir) if setup.teacher_dir is not None else None
-    source = {"from-teacher": teacher_cfg, "from-base": XLMRConfig.from_hf(cfg.base) if cfg.base else None}.get(
-        cfg.init) or teacher_cfg or (XLMRConfig.from_hf(cfg.base) if cfg.base else setup.arch)
+    base_cfg = XLMRConfig.from_hf(cfg.base) if cfg.base is not None else None
+    # The config the student's sizes come from, as `initial_student` takes it.
+    source = base_cfg if cfg.init == "from-base" else teacher_cfg or base_cfg or setup.arch
     if source is None:
         raise InputError("--init from-scratch: give --teacher or --base to take the sizes from")
     scfg = student_config(source, student_spec(cfg, setup))
@@ -199,7 +198,8 @@ def load_teacher(setup: Setup, device, vocab: VocabTrim | None = None, bf16: boo
     return bf16_frozen_linears(teacher) if bf16 else teacher
 
 
-def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int) -> StepContext:
+def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int, plan: StepPlan) -> StepContext:
+    """The seed's models, optimizer and schedule; the KD loss and compilation as `plan` says."""
     torch.manual_seed(seed)
     scfg, sd = initial_student(cfg, setup, seed)
     scfg = with_dropout(cfg, scfg)
@@ -208,7 +208,7 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=sd[WORD_KEY].float())
         scfg, sd = trim_config(scfg, vocab), trim_state_dict(sd, vocab)
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
-    loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=cfg.kd_impl,
+    loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=plan.kd_impl,
                             loss_norm=cfg.loss_norm)
     tcfg, proj, lmap = None, None, []
     if loss_cfg.kd:
@@ -227,7 +227,7 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
                       optimizer=optimizer, params=params,
                       scheduler=linear_schedule(optimizer, total_steps, math.ceil(cfg.warmup_ratio * total_steps)),
                       max_grad_norm=cfg.max_grad_norm, vocab=vocab, bf16=bf16, teacher_cache=cache)
-    if cfg.compile:
+    if plan.compiled:
         ctx.loss_fn = compile_forward_loss()
     ctx.parallel = distributed.wrap(Trained(student, proj))  # None on one process
     return ctx

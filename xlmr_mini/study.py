@@ -8,8 +8,10 @@ PLAN is one of table2 table3 table4 table5 figure2 figure3, or all. Every run is
 `python -m xlmr_mini.train` command (`study_plan` says which ones), kept in `--out/runs/` under a
 name that carries a hash of its configuration: a finished run is reused by every plan and every
 later command that needs it, an interrupted one resumes from its checkpoint (kill -9 at any
-moment and the rerun ends with the same numbers). Then `study_report` writes PLAN.md, PLAN.csv
-and the figures into --out.
+moment and the rerun ends with the same numbers; `--jobs` workers die with the study, and a run
+directory being written is locked, so a second study stops with one line instead of writing it
+too). Then `study_report` writes PLAN.md, PLAN.csv and the figures into --out, each naming the
+settings it was made with; a later study with other settings is refused unless `--overwrite`.
 
 On real data the runs use the paper's settings (batch 8, its evaluation steps per section and none
 off that grid, 30 epochs, seeds 1 2 3, fp32, plain random batches); each teacher is trained with
@@ -19,12 +21,16 @@ written into every output. The demo has its own small pretrained base (a short m
 pretraining on its text) and shorter schedules.
 """
 import argparse
+import ctypes
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -34,15 +40,16 @@ import torch
 from xlmr_mini.cache_teacher import cache_teacher
 from xlmr_mini.checkpoint import check_model_dir
 from xlmr_mini.config import XLMRConfig
-from xlmr_mini.data import TaskData, default_cache_dir, load_task, select_languages, stratified_subset
+from xlmr_mini.data import TaskData, default_cache_dir, load_task, parse_spec, select_languages, stratified_subset
 from xlmr_mini.demo_models import demo_base
 from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main, deprecated_alias
 from xlmr_mini.evaluate import main as evaluate_main
-from xlmr_mini.files import atomic_write, check_output_dir, check_output_file
+from xlmr_mini.files import atomic_write, check_apart, check_output_dir, check_output_file
 from xlmr_mini.hardware import PRECISIONS, resolve_device, resolve_precision
 from xlmr_mini.kd_step import TrainingError
 from xlmr_mini.inference import final_split
 from xlmr_mini.progress import clock
+from xlmr_mini.run_identity import differences, key
 from xlmr_mini.select_teacher import select_teacher
 from xlmr_mini.study_estimate import cache_sizer, measure_step_seconds
 from xlmr_mini.study_plan import PLANS, Planner, Run, StudySettings, plan_runs, train_config
@@ -53,6 +60,8 @@ from xlmr_mini.train_config import DEMO_EPOCHS, TrainConfig, check_seeds, parse_
 
 # The demo's schedules: teachers fine-tune the pretrained demo base, students distil in a few epochs.
 DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, DEMO_EPOCHS
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+TABLE_SETTINGS = "study.json"  # plan -> the settings its PLAN.md and PLAN.csv were made with
 OVERRIDES = ("epochs", "max_steps", "batch_size", "eval_steps", "lr", "max_length", "device", "num_threads",
              "cache_dir", "att_target", "kd_impl", "compile", "deterministic")
 
@@ -72,16 +81,19 @@ def _parser() -> argparse.ArgumentParser:
                    "GPUs; without: 1, or one per CPU core for the demo, whose runs use one thread each)")
     p.add_argument("--dry-run", action="store_true", help="list the runs with a time estimate; train nothing")
     p.add_argument("--emit-commands", type=Path, help="write the runs as shell commands in dependency stages and stop")
+    p.add_argument("--overwrite", action="store_true", help="replace tables in --out that other settings made "
+                   "(without it such a study is refused; finished runs are kept either way)")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name in OVERRIDES:
         flag = "--" + name.replace("_", "-")
-        if fields[name].type is bool:  # a switch: --compile
+        if fields[name].type is bool:  # a switch: --deterministic
             p.add_argument(flag, action="store_const", const=True, help=f"passed to every run's {flag}")
             continue
         kind = int if name in ("epochs", "max_steps", "batch_size", "eval_steps", "max_length", "num_threads") else \
             float if name == "lr" else str
-        p.add_argument(flag, type=kind, choices=fields[name].metadata.get("choices"),
-                       help=f"passed to every run's {flag}")
+        meta = fields[name].metadata
+        alone = {"nargs": "?", "const": meta["const"]} if "const" in meta else {}  # --compile means --compile on
+        p.add_argument(flag, type=kind, choices=meta.get("choices"), help=f"passed to every run's {flag}", **alone)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="every run's --precision (default: fp32, the paper's; auto is resolved once here, for this "
                         "machine and the base's width, and the runs record what it resolved to)")
@@ -128,9 +140,11 @@ def settings_from(args) -> tuple[StudySettings, XLMRConfig]:
     return s, base_cfg
 
 
-def settings_text(s: StudySettings, base_cfg: XLMRConfig) -> str:
+def settings_text(s: StudySettings, base_cfg: XLMRConfig, planner: Planner) -> str:
     given = ", ".join(f"--{k} {v}" for k, v in s.overrides) or "none"
-    return (f"- data: `{s.data}`; base: `{s.base}` ({base_cfg.num_hidden_layers} layers x {base_cfg.hidden_size})\n"
+    return (f"- settings key `{key(planner.identity())}` (the `settings` column of the CSV)\n"
+            f"- data: `{s.data}` ({planner.data_id}); base: `{s.base}` ({base_cfg.num_hidden_layers} layers x "
+            f"{base_cfg.hidden_size}; {planner.base_id})\n"
             f"- seeds: {' '.join(map(str, s.seeds))} (teachers too: the best on dev teaches the students)\n"
             f"- precision: {s.precision}" + (" (the paper's: transformers' default fp32)\n" if s.precision == "fp32"
                                              else " (the paper trained in fp32)\n")
@@ -164,11 +178,32 @@ def _finished(planner: Planner, run: Run) -> bool:
     return (planner.path(run) / run.result_file).is_file()
 
 
-def _init_worker(devices) -> None:
-    """Each worker process sees one GPU (round robin), or shares the CPU's cores evenly."""
-    device = devices.get()
+def _init_worker(started, devices: list[str | None], parent: int) -> None:
+    """Each worker process dies with the study and sees one GPU (`worker_gpus`, by start order)."""
+    _die_with(parent)
+    with started.get_lock():
+        device = devices[started.value % len(devices)]
+        started.value += 1
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
+
+
+def _die_with(parent: int) -> None:
+    """End this process when `parent` ends, a kill -9 included, so that no worker trains on into
+    --out unseen: on Linux the kernel sends SIGKILL (PR_SET_PDEATHSIG), elsewhere a thread
+    watches the parent. A parent already gone ends it at once."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def execute(runs: dict[str, Run], planner: Planner, jobs: int, estimate) -> None:
@@ -223,10 +258,10 @@ def _pool(jobs: int):
     if jobs == 1:
         return None
     ctx = multiprocessing.get_context("spawn")
-    devices = ctx.Manager().Queue()
-    for device in worker_gpus(jobs):
-        devices.put(device)
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
+    # A shared counter, not a Manager: a manager is one more process, which outlives a killed study.
+    started = ctx.Value("i", 0)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(started, worker_gpus(jobs), os.getpid()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +347,7 @@ def main(argv=None) -> list[Path]:
 def _main(argv) -> list[Path]:
     args = _parser().parse_args(argv)
     s, base_cfg = settings_from(args)
+    check_apart("--out", s.out, {"--base": args.base, "--data": parse_spec(s.data)[1] or None})
     plans = list(PLANS) if args.plan == "all" else [args.plan]
     planner = Planner(s, base_cfg.num_hidden_layers, base_cfg.hidden_size)
     runs = plan_runs(plans, planner)
@@ -326,17 +362,41 @@ def _main(argv) -> list[Path]:
     if args.dry_run:
         list_runs(runs, planner, steps, measure_step_seconds(s, base_cfg, task), cache_sizer(s, base_cfg, task))
         return []
+    check_tables(plans, s.out, planner.identity(), args.overwrite)
     unfinished = any(not _finished(planner, r) for r in runs.values())
     rates = measure_step_seconds(s, base_cfg, task) if unfinished else None
     execute(runs, planner, args.jobs, (lambda r: steps(r) * rates(r)) if rates else (lambda r: 1.0))
     return report(plans, runs, planner, s, base_cfg, task)
 
 
+def _tables_made(out: Path) -> dict:
+    path = out / TABLE_SETTINGS
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        raise InputError(f"{path}: not valid JSON; delete it and pass --overwrite to write the tables again") from None
+
+
+def check_tables(plans: list[str], out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse, before any training, to replace a plan's tables that other settings made (unless
+    --overwrite): each PLAN.md and PLAN.csv holds the numbers of one setting."""
+    made = _tables_made(out)
+    for plan in plans:
+        if overwrite or not (out / f"{plan}.md").exists() or made.get(plan) == identity:
+            continue
+        what = differences(made[plan], identity) if plan in made else "settings not recorded"
+        raise InputError(f"--out {out}: {plan}.md holds the tables of other settings ({what}); choose another "
+                         f"--out, or pass --overwrite to replace them (finished runs are kept)")
+
+
 def report(plans: list[str], runs: dict[str, Run], planner: Planner, s: StudySettings, base_cfg,
            task: TaskData) -> list[Path]:
     res = Results(runs, planner)
-    written = [write_plan(plan, build_tables(plan, res, s.kind, task), s.out, settings_text(s, base_cfg), task, s.kind)
-               for plan in plans]
+    identity = planner.identity()
+    written = [write_plan(plan, build_tables(plan, res, s.kind, task), s.out, settings_text(s, base_cfg, planner), task,
+                          s.kind, key(identity)) for plan in plans]
+    atomic_write(s.out / TABLE_SETTINGS, json.dumps({**_tables_made(s.out), **dict.fromkeys(plans, identity)},
+                                                    indent=1) + "\n")
     figures = draw_figures(plans, res, s.out, s.kind)
     wanted = [p for p in plans if p.startswith("figure")]
     print("study: wrote " + ", ".join(str(p) for p in written + figures))

@@ -3,8 +3,9 @@
 A run is one `python -m xlmr_mini.train` (or, for Table 5's copied student, `python -m
 xlmr_mini.evaluate`) command, identified by its full configuration: two plans that need the same
 configuration share one run (Table 2's from-teacher KD 6L/768 is also Table 5's "with finetune"
-and Figure 2's 100% point). Its directory name carries a hash of that configuration, so a run
-is found again by every later study command and never mixed up with another.
+and Figure 2's 100% point). Its directory name carries a hash of that configuration and of its
+inputs' content (`run_identity`), so a run is found again by every later study command, in a
+moved study folder too, and never mixed up with another.
 
 Teachers: one per training-language set (Table 2: all languages; Table 3: the seen languages;
 Table 4: English), fine-tuned from the base with every study seed; `select_teacher` then picks the
@@ -17,11 +18,11 @@ batch 8, 30 epochs, fp32, plain random batches, the section's evaluation steps a
 that grid); Table 3's English-trained students are §3.3's.
 """
 import dataclasses
-import hashlib
-import json
+import functools
 from pathlib import Path
 
 from xlmr_mini.copy_weights import INITS
+from xlmr_mini.run_identity import INPUTS, data_fingerprint, key, model_fingerprint, settings, study_identity
 from xlmr_mini.train_config import TrainConfig, paper_settings, parse_config
 
 PLANS = ("table2", "table3", "table4", "table5", "figure2", "figure3")
@@ -137,24 +138,43 @@ def common_flags(s: StudySettings, section: str) -> dict:
 
 
 class Planner:
-    """Builds the runs of the plans asked for; identical configurations collapse into one run."""
+    """Builds the runs of the plans asked for; identical configurations collapse into one run.
+
+    A run's key is a hash of its identity (`run_identity`): its settings, the data's and the
+    base's content, and for a student the key of its teacher's run. Paths take no part, so a
+    moved study folder finds its runs again, and data changed in place gives new runs."""
 
     def __init__(self, settings: StudySettings, base_layers: int, base_hidden: int):
         self.s, self.base_layers, self.base_hidden = settings, base_layers, base_hidden
         self.runs: dict[str, Run] = {}
 
-    def add(self, plan: str, name: str, tool: str, flags: dict, after: list[str] = (), argv: list[str] = ()) -> Run:
-        argv = list(argv) + flags_to_argv(flags)
-        identity = self._identity(tool, argv)
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-        run = self.runs.setdefault(key, Run(name=name, tool=tool, argv=argv, after=list(after), key=key))
+    @functools.cached_property
+    def data_id(self) -> str:
+        return data_fingerprint(self.s.data, dict(self.s.overrides).get("cache-dir"))
+
+    @functools.cached_property
+    def base_id(self) -> str:
+        return model_fingerprint(self.s.base, dict(self.s.overrides).get("cache-dir"))
+
+    def identity(self) -> dict:
+        """What the study's tables are made with."""
+        return study_identity(self.s, self.data_id, self.base_id)
+
+    def add(self, plan: str, name: str, tool: str, flags: dict, after: list[Run] = (), argv: list[str] = ()) -> Run:
+        """The run of `tool` with these flags (and leading `argv`: the paths of runs in `after`, the
+        runs it needs, which take part in its identity by their keys)."""
+        inputs = {"data": self.data_id, "base": self.base_id if flags.get("base") else None,
+                  "after": [r.key for r in after]}
+        if tool == "train":  # the trainer's own notion of "the same run", with its inputs by content
+            identity = {"tool": tool, **settings(parse_config(flags_to_argv(flags) + ["--out", "x"])), **inputs}
+        else:
+            identity = {"tool": tool, "argv": flags_to_argv({k: v for k, v in flags.items() if k not in INPUTS}),
+                        **inputs}
+        k = key(identity)
+        run = self.runs.setdefault(k, Run(name=name, tool=tool, argv=list(argv) + flags_to_argv(flags),
+                                          after=[r.key for r in after], key=k))
         run.plans.add(plan)
         return run
-
-    def _identity(self, tool: str, argv: list[str]) -> dict:
-        if tool == "train":  # the trainer's own notion of "the same run"
-            return {"tool": tool, **parse_config(argv + ["--out", "x"]).identity()}
-        return {"tool": tool, "argv": argv}
 
     def path(self, run: Run) -> Path:
         return self.s.out / "runs" / run.dir_name
@@ -169,8 +189,8 @@ class Planner:
             if self.s.teacher_epochs:
                 flags["epochs"] = self.s.teacher_epochs
             seeds.append(self.add(plan, f"teacher-{langs}-seed{seed}", "train", flags))
-        return self.add(plan, f"teacher-{langs}-selected", "select_teacher", {},
-                        after=[t.key for t in seeds], argv=[str(self.path(t)) for t in seeds])
+        return self.add(plan, f"teacher-{langs}-selected", "select_teacher", {}, after=seeds,
+                        argv=[str(self.path(t)) for t in seeds])
 
     def student(self, plan: str, teacher: Run, init: str, kd: bool, langs: str, section: str, seed: int,
                 hidden: int | None = None, subset: float = 1.0) -> Run:
@@ -182,20 +202,23 @@ class Planner:
         width = hidden or self.base_hidden
         name = (f"student-{init}-{'kd' if kd else 'nokd'}-{width}-{langs}"
                 + (f"-{subset:g}" if subset < 1.0 else "") + f"-seed{seed}")
-        after = [teacher.key] + ([self.teacher_cache(plan, teacher, flags, langs, subset).key] if kd else [])
-        return self.add(plan, name, "train", flags, after=after)
+        run = self.add(plan, name, "train", flags, after=[teacher])
+        if kd:  # not part of the student's identity: reading the cache is the same run
+            cache = self.teacher_cache(plan, teacher, flags, langs, subset)
+            run.after += [cache.key] if cache.key not in run.after else []
+        return run
 
     def teacher_cache(self, plan: str, teacher: Run, student_flags: dict, langs: str, subset: float) -> Run:
         """The stage that computes the teacher's outputs once for the KD students that read them."""
         flags = {k: v for k, v in student_flags.items() if k not in NOT_IN_CACHE_KEY}
         name = f"teacher-cache-{langs}" + (f"-{subset:g}" if subset < 1.0 else "")
-        return self.add(plan, name, "cache_teacher", flags, after=[teacher.key])
+        return self.add(plan, name, "cache_teacher", flags, after=[teacher])
 
     def copied_student(self, plan: str, teacher: Run) -> Run:
         flags = {"init": "from-teacher", "teacher": self.path(teacher) / "best", "data": self.s.data,
                  "layers": max(1, self.base_layers // 2), "precision": self.s.precision}
         flags.update({k: v for k, v in self.s.overrides if k in ("cache-dir", "max-length", "device")})
-        return self.add(plan, "copied-from-teacher-all", "evaluate", flags, after=[teacher.key])
+        return self.add(plan, "copied-from-teacher-all", "evaluate", flags, after=[teacher])
 
 
 def plan_runs(plans: list[str], planner: Planner) -> dict[str, Run]:

@@ -32,7 +32,7 @@ SCORED_LANGS = {"table3": "unseen", "table4": "unseen"}
 # logging_steps: 500); the demo's runs are a few hundred steps long.
 LOSS_WINDOW = {"demo": 10}
 PAPER_LOSS_WINDOW = 500
-CSV_FIELDS = ("plan", "row", "column", "seed", "micro_f1", "macro_f1", "scored_on", "reported_split", "run")
+CSV_FIELDS = ("plan", "row", "column", "seed", "micro_f1", "macro_f1", "scored_on", "reported_split", "run", "settings")
 
 
 class _Any:
@@ -316,8 +316,10 @@ def majority_score(task: TaskData) -> dict[str, float]:
     return {"micro_f1": micro_f1(gold, pred), "macro_f1": macro_f1(gold, pred)}
 
 
-def write_plan(plan: str, tables: list[Table], out: Path, settings_text: str, task: TaskData, data_kind: str) -> Path:
-    """PLAN.md and PLAN.csv in `out`; returns the Markdown path."""
+def write_plan(plan: str, tables: list[Table], out: Path, settings_text: str, task: TaskData, data_kind: str,
+               settings_key: str) -> Path:
+    """PLAN.md and PLAN.csv in `out` (each CSV row names the settings by `settings_key`); returns
+    the Markdown path."""
     known = data_kind in ("massive", "tsm")
     reported_split = final_split(task)[0]
     parts = []
@@ -338,7 +340,7 @@ def write_plan(plan: str, tables: list[Table], out: Path, settings_text: str, ta
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for t in tables:
-        writer.writerows(t.records(reported_split))
+        writer.writerows({**r, "settings": settings_key} for r in t.records(reported_split))
     atomic_write(out / f"{plan}.csv", buf.getvalue())
     return out / f"{plan}.md"
 

@@ -5,10 +5,11 @@ leading, trailing and repeated spaces never become pieces), which is what transf
 `XLMRobertaTokenizer` builds from a tokenizer.json: it keeps the vocabulary and the Precompiled
 normalizer and replaces the rest with WhitespaceSplit + Metaspace. XLM-R's published
 tokenizer.json instead runs Metaspace alone, which turns a trailing space into a `▁` piece
-(2,971 of the tsm and MASSIVE texts segment differently). `transformers_pipeline` rewrites a
-Unigram tokenizer.json to transformers' pipeline; every tokenizer loaded here and every
-tokenizer.json saved with a model goes through it, so `tokenizers`, `transformers` and training
-agree token for token.
+(2,970 of the 17,304 tweet_sentiment_multilingual texts segment differently).
+`transformers_pipeline` rewrites a Unigram tokenizer.json to transformers' pipeline; every
+tokenizer loaded here and every tokenizer.json saved with a model goes through it, so
+`tokenizers`, `transformers` and training agree token for token. (transformers also fixes
+Unigram's unknown-piece id at 3, as XLM-R's, the demo's and every trimmed tokenizer have it.)
 """
 import json
 from pathlib import Path

@@ -31,7 +31,7 @@ import torch
 
 from xlmr_mini import distributed
 from xlmr_mini.config import XLMRConfig
-from xlmr_mini.data import epoch_batches, load_task
+from xlmr_mini.data import default_cache_dir, epoch_batches, load_task
 from xlmr_mini.demo_models import demo_architecture, demo_teacher
 from xlmr_mini.errors import InputError, cli_main
 from xlmr_mini.hardware import deterministic_algorithms, resolve_device
@@ -40,9 +40,12 @@ from xlmr_mini.kd_step import StepContext, TrainingError, train_step
 from xlmr_mini.metrics import metric_key
 from xlmr_mini.progress import Progress
 from xlmr_mini.results import best_seed, finish_seed, report
+from xlmr_mini.files import check_apart
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, publish_best,
                                remove_checkpoint, rng_state, save_best, save_checkpoint, seed_dirs)
+from xlmr_mini.run_identity import input_paths, run_identity
 from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare, resolve_run_precision
+from xlmr_mini.step_impl import check_step, plan_step
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
 
 
@@ -85,15 +88,20 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
     started = time.time()
     train_enc = setup.splits["train"]
     pad_id = setup.tokenizer.pad_id
-    steps_per_epoch = len(epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=0, pad_id=pad_id,
-                                        group_by_length=cfg.group_by_length))
+    steps_per_epoch = len(_epoch(cfg, train_enc, seed, 0, pad_id))
     total = cfg.max_steps or setup.epochs * steps_per_epoch
     eval_every = cfg.eval_steps or steps_per_epoch
-    ctx = build_context(cfg, setup, seed, device, total)
+    plan = plan_step(cfg.kd_impl, cfg.compile, device, not cfg.no_kd, cfg.loss_norm)
+    ctx = build_context(cfg, setup, seed, device, total, plan)
     prog = Progression()
     if cfg.resume and (out / "checkpoint").exists():
         prog = Progression(**load_checkpoint(out / "checkpoint", ctx, device, distributed.rank(),
                                              distributed.world_size()))
+    limit = min(total, cfg.stop_after or total)
+    if prog.step < limit:  # the self-check of what --kd-impl / --compile auto chose, on the batch training starts with
+        epoch, k = divmod(prog.step, steps_per_epoch)
+        first = _epoch(cfg, train_enc, seed, epoch, pad_id)[k]
+        plan = check_step(ctx, plan, distributed.shard_batch(first)[0], device, cfg.cache_dir or default_cache_dir())
     log = distributed.on_main(metrics_writer, out / "metrics.jsonl", keep_through=prog.step,
                               tensorboard=cfg.report_to == "tensorboard") or MetricsLog(None)
     world = distributed.world_size()
@@ -101,13 +109,10 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
     bar = Progress(total, start=prog.step, label=label + (f", {world} processes" if world > 1 else ""),
                    stream=None if distributed.is_main() else io.StringIO())
     loop = Loop(cfg, setup, ctx, prog, out, log, bar, eval_every, cfg.save_steps or eval_every, total, device)
-    limit = min(total, cfg.stop_after or total)
     try:
         while prog.step < limit:
             epoch, k = divmod(prog.step, steps_per_epoch)
-            batches = epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id,
-                                    group_by_length=cfg.group_by_length)
-            for batch in batches[k:]:
+            for batch in _epoch(cfg, train_enc, seed, epoch, pad_id)[k:]:
                 _one_step(loop, batch, epoch)
                 if prog.step >= limit:
                     break
@@ -124,10 +129,16 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
     finally:
         log.close()
     bar.close()
-    results = finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, cfg.precision)
+    results = finish_seed(cfg, setup, seed, out, device, prog, time.time() - started, cfg.precision,
+                          plan.record())
     if not cfg.keep_checkpoint:
         distributed.on_main(remove_checkpoint, out / "checkpoint")
     return results
+
+
+def _epoch(cfg: TrainConfig, train_enc, seed: int, epoch: int, pad_id: int):
+    return epoch_batches(train_enc, cfg.batch_size, seed=seed, epoch=epoch, pad_id=pad_id,
+                         group_by_length=cfg.group_by_length)
 
 
 def _one_step(loop: Loop, batch: dict, epoch: int) -> None:
@@ -212,6 +223,8 @@ def train(cfg: TrainConfig, arch: XLMRConfig | None = None, quiet: bool = False,
 
 
 def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool, label: str | None) -> dict:
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    check_apart("--out", out, input_paths(cfg))  # before anything is written or cleared
     teacher = None
     needs_teacher = cfg.init == "from-teacher" or not cfg.no_kd
     if cfg.is_demo and cfg.teacher is None and arch is None and needs_teacher:
@@ -223,22 +236,30 @@ def _train(cfg: TrainConfig, device, arch: XLMRConfig | None, quiet: bool, label
         arch = demo_architecture(load_task("demo", cache_dir=cfg.cache_dir))  # from-scratch takes its sizes
     setup = prepare(cfg, teacher_dir=teacher, arch=arch)
     cfg = resolve_run_precision(cfg, setup, device)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    distributed.on_main(claim_out, cfg, out)
-    runs = []
-    for seed, run_dir in seed_dirs(cfg, out):
-        done = run_dir / "results.json"
-        if cfg.resume and done.is_file():
-            runs.append(json.loads(done.read_text(encoding="utf-8")))
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        seed_label = label and (f"{label}, seed {seed}" if len(cfg.seeds) > 1 else label)
-        runs.append(run_seed(cfg, setup, seed, run_dir, device, seed_label))
-        if "stopped_at" in runs[-1]:
-            return runs[-1]
-    if len(runs) > 1:  # the best seed on dev, where a single run's model would be
-        distributed.on_main(publish_best, out / f"seed-{best_seed(runs)}" / "best", out / "best")
-    return report(cfg, setup, out, runs, quiet)
+    claim = distributed.on_main(lambda: claim_out(cfg, out, run_identity(cfg, setup.teacher_dir)))
+    work, finished = distributed.all_gather((claim.work, claim.finished) if claim else None)[0]
+    try:
+        if finished and not quiet:
+            print(f"{out}: holds this run, finished; its results follow (pass --overwrite to train it again)")
+        runs = []
+        for seed, run_dir in seed_dirs(cfg, work):
+            done = run_dir / "results.json"
+            if done.is_file():  # this run's seed (claim_out compared the identity), finished before
+                runs.append(json.loads(done.read_text(encoding="utf-8")))
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            seed_label = label and (f"{label}, seed {seed}" if len(cfg.seeds) > 1 else label)
+            runs.append(run_seed(cfg, setup, seed, run_dir, device, seed_label))
+            if "stopped_at" in runs[-1]:
+                break
+        if len(runs) > 1 and not finished and "stopped_at" not in runs[-1]:
+            # the best seed on dev, where a single run's model would be
+            distributed.on_main(publish_best, work / f"seed-{best_seed(runs)}" / "best", work / "best")
+        distributed.on_main(lambda: claim.finish())
+    finally:
+        if claim is not None:
+            claim.release()
+    return runs[-1] if "stopped_at" in runs[-1] else report(cfg, setup, out, runs, quiet)
 
 
 @cli_main

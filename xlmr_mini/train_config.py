@@ -13,8 +13,9 @@ from xlmr_mini.config import check_max_length
 from xlmr_mini.copy_weights import INITS
 from xlmr_mini.errors import InputError, IntList, OneLineErrorParser, deprecated_alias
 from xlmr_mini.hardware import PRECISIONS
-from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, IMPLS, LOSS_NORMS
+from xlmr_mini.kd_loss import ATT_TARGETS, HID_PROJS, LOSS_NORMS
 from xlmr_mini.metrics import METRICS
+from xlmr_mini.step_impl import COMPILES, KD_IMPLS
 
 PAPER_EPOCHS = 30
 PAPER_LR = 5e-5  # transformers' default, which the paper kept
@@ -133,7 +134,10 @@ class TrainConfig:
                             "TinyBERT's code (means at padded length, pads included, summed over layers)",
                             choices=LOSS_NORMS)
     hid_proj: str = _field("linear", "narrower student: learnable projection (fit_dense) or the teacher's copied units", choices=HID_PROJS)
-    kd_impl: str = _field("reference", "KD loss implementation: PyTorch reference or fused kernels (Triton on GPU)", choices=IMPLS)
+    kd_impl: str = _field("auto", "KD loss implementation: PyTorch reference, fused Triton kernels (on CPU they fall "
+                          "back to the reference), or auto: fused on CUDA where they apply, checked against the "
+                          "reference on the first batch (falls back on a mismatch), the reference elsewhere",
+                          choices=KD_IMPLS)
     precision: str | None = _field(None, "forward passes in fp32 or under bfloat16 autocast (the KD loss terms, weights "
                                    "and optimizer stay fp32); auto: bf16 on GPUs with bf16 and on CPUs where a cached "
                                    "probe measures bf16 matmuls faster, fp32 elsewhere and for models narrower than 256 "
@@ -160,19 +164,22 @@ class TrainConfig:
                                 "or has several seeds, and the cache takes at most half the free disk; otherwise "
                                 "it says why not), on, or off", choices=TEACHER_CACHE_MODES)
     teacher_cache_dir: str | None = _field(None, "directory of the teacher caches (default: CACHE_DIR/teacher)")
-    compile: bool = _field(False, "torch.compile the forward + loss of the training step (fullgraph)")
+    compile: str = _field("auto", "torch.compile the forward + loss of the training step (fullgraph): on, off, or "
+                          "auto: on CUDA, checked against eager on the first batch (falls back on a mismatch), off on "
+                          "CPU (--compile alone: on)", choices=COMPILES, const="on")
     device: str = _field("auto", "cpu, cuda, or auto")
     deterministic: bool = _field(False, "PyTorch's deterministic algorithms and cuBLAS's fixed workspace "
-                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower; CPU "
-                                 "runs repeat without it. An operation with no deterministic GPU version stops the run, "
-                                 "named")
+                                 "(CUBLAS_WORKSPACE_CONFIG), so a GPU run repeats bit for bit, a little slower (CPU "
+                                 "runs repeat without it); an operation with no deterministic GPU version stops the "
+                                 "run with PyTorch's error naming it")
     num_threads: int | None = _field(None, "CPU threads for PyTorch (default: PyTorch's choice; the demo: 1)")
     out: str | None = _field(None, "run directory: run.json, metrics.jsonl, results.json, best/ (the best model on "
                              "dev, an HF directory), checkpoint/ (kept with --keep-checkpoint), tensorboard/; with "
                              "several seeds a seed-N/ of these per seed, the summary results.json and the best "
                              "seed's best/ (default: runs/<data>-<init>[-<layers>L]-<kd|nokd>)")
     resume: bool = _field(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = _field(False, "replace a different run found in --out")
+    overwrite: bool = _field(False, "train anew in place of the run in --out (a finished one too); the old run is "
+                             "replaced only once the new one is complete (or stopped by --stop-after)")
     stop_after: int | None = _field(None, "checkpoint and stop once the run reaches this step (continue later with --resume)")
     dist_timeout: float = _field(600.0, "under torchrun: seconds a process waits for the others (a collective, or "
                                  "rank 0 writing a checkpoint) before it stops the job")
@@ -220,9 +227,6 @@ class TrainConfig:
         if self.grad_accum > self.batch_size:
             raise InputError(f"--grad-accum {self.grad_accum}: more passes than the {self.batch_size} examples of a "
                              f"batch (--batch-size)")
-        if self.grad_accum > 1 and self.kd_impl == "fused" and not self.no_kd:
-            raise InputError("--grad-accum: --kd-impl fused normalises by each pass's own examples; use --kd-impl "
-                             "reference with gradient accumulation")
 
     @property
     def is_demo(self) -> bool:
@@ -231,7 +235,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that define the run's result (what `run.json` compares)."""
         # grad_accum changes the sums' order only (the same run within float rounding).
-        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "device", "cache_dir", "preset",
+        ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "kd_impl", "device", "cache_dir", "preset",
                    "dist_timeout", "grad_accum", "save_steps", "keep_checkpoint", "logging_steps", "report_to",
                    "deterministic", "teacher_cache", "teacher_cache_dir"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
@@ -262,6 +266,8 @@ def _parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float, "str": str}
         base = next((t for name, t in kind.items() if str(f.type).startswith(name) or f.type is t), str)
         listed = dict(nargs="+", action=IntList) if str(f.type).startswith("list") else dict(type=base)
+        if "const" in meta:  # a flag that may stand alone: --compile means --compile on
+            listed.update(nargs="?", const=meta["const"])
         default_text = f" (default: {_show(f.default)})" if f.default is not None else ""
         p.add_argument(flag, dest=f.name, default=f.default, choices=meta.get("choices"),
                        help=meta["help"] + default_text, **listed)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from xlmr_mini.checkpoint import check_model_dir, check_tokenizer, find_tokenizer, read_hf_state_dict, save_hf
 from xlmr_mini.copy_weights import parameter_count
-from xlmr_mini.data import encode_split, load_task
+from xlmr_mini.data import encode_split, load_task, parse_spec
 from xlmr_mini.errors import InputError, OneLineErrorParser, cli_main
-from xlmr_mini.files import check_output_dir
+from xlmr_mini.files import check_apart, check_output_dir
 from xlmr_mini.tokenizer import Tokenizer, read_tokenizer_json
 from xlmr_mini.vocab import always_kept, kept_ids, trim_config, trim_state_dict, trim_tokenizer
 
@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="HF model directory with its tokenizer.json (a Unigram one, as XLM-R's)")
     p.add_argument("--data", required=True, help="dataset whose tokens to keep: massive:PATH, tsm:PATH, file:PATH, demo")
-    p.add_argument("--out", type=Path, required=True, help="output directory for the trimmed model and tokenizer")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory: the trimmed config.json, model.safetensors and tokenizer.json")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out directory")
     p.add_argument("--cache-dir", type=Path, help="cache for tokenized data (default: ~/.cache/xlmr_mini)")
     return p
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
+    check_apart("--out", args.out, {"model": args.model, "--data": parse_spec(args.data)[1] or None})
     tok_file = find_tokenizer(check_model_dir(args.model, "model"))
     if tok_file is None:
         raise InputError(f"{args.model}: no tokenizer.json beside the model; trimming renumbers the tokenizer too")
