@@ -221,7 +221,9 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
     teacher, cache = None, None
     if loss_cfg.kd:
         load = functools.partial(load_teacher, setup, device, vocab, bf16)
-        cache = teacher_cache.for_run(cfg, setup, tcfg, kd_taps(loss_cfg, lmap), bf16, device, total_steps, load)
+        checked = plan.check_fused or plan.check_compiled  # `check_step` compares losses on the live teacher
+        cache = teacher_cache.for_run(cfg, setup, tcfg, kd_taps(loss_cfg, lmap), bf16, device, total_steps, load,
+                                      checked)
         teacher = None if cache is not None else load()
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
                       optimizer=optimizer, params=params,

@@ -283,11 +283,15 @@ def _alive(pid: int) -> bool:
 # A run's cache: --teacher-cache auto|on|off
 # ---------------------------------------------------------------------------------------------
 def for_run(cfg, setup, teacher_cfg: XLMRConfig, taps: Taps, bf16: bool, device, total_steps: int,
-            load_teacher) -> TeacherCache | None:
+            load_teacher, checked: bool = False) -> TeacherCache | None:
     """The teacher cache of a KD run (`cfg` a TrainConfig, `setup` its run_setup.Setup): a complete
     one as it is; else built now with `load_teacher()` (the frozen teacher) when --teacher-cache
     says so; None when the run computes the teacher's outputs live (auto says why in one line)."""
     if cfg.teacher_cache == "off":
+        return None
+    if checked:  # the first batch's check of --kd-impl/--compile auto runs the teacher under both loss forms
+        print("teacher cache: off (--kd-impl/--compile auto check their choice against the live teacher; give both "
+              "explicitly to use the cache)")
         return None
     if cfg.loss_norm == "tinybert":
         return _refuse(cfg.teacher_cache, "--loss-norm tinybert reads the teacher at padded positions, which the "
