@@ -23,6 +23,10 @@ Implementations (`--impls`):
 - xlmr_mini-fused: the default with `--kd-impl fused` (the Triton kernels on a GPU).
 - xlmr_mini-full-vocab: fp32 on the whole 250,002-row table (`--no-trim`).
 - xlmr_mini-compiled: the default with `--compile on`'s compiled forward+loss.
+- transformers-bf16-trimmed: transformers-bf16 on a vocabulary trimmed beforehand to the task's
+  rows (what a user who knows vocabtrimmer does): the well-tuned baseline at equal settings.
+- xlmr_mini-cached: the default reading the teacher's outputs from a `teacher_cache` built over
+  the timed batches first (an epoch after the first; the build is not timed): no teacher forward.
 
 Each implementation runs in its own process so that peak memory is its own: the peak during the
 timed steps of everything the process holds (weights, optimizer state, activations) above the
@@ -47,8 +51,8 @@ import torch.nn.functional as F
 
 from bench.harness import append_results, measure, rss_mb
 
-IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16", "xlmr_mini-fused",
-         "xlmr_mini-full-vocab", "xlmr_mini-compiled")
+IMPLS = ("transformers", "transformers-bf16", "transformers-bf16-trimmed", "xlmr_mini", "xlmr_mini-fp32",
+         "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled", "xlmr_mini-cached")
 DEFAULT_IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16")
 TSM_KEPT = 34_855  # distinct XLM-R pieces over every tweet_sentiment_multilingual split, plus specials
 
@@ -113,11 +117,14 @@ def batch(args, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def transformers_step(args, t, s, device, bf16):
+def transformers_step(args, t, s, device, bf16, trimmed=False):
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
+    kept = kept_vocab(args)
+    vocab_size = len(kept) if trimmed else args.vocab
+
     def model(c):
-        cfg = XLMRobertaConfig(vocab_size=args.vocab, hidden_size=c["hidden"], num_hidden_layers=c["layers"],
+        cfg = XLMRobertaConfig(vocab_size=vocab_size, hidden_size=c["hidden"], num_hidden_layers=c["layers"],
                                num_attention_heads=c["heads"], intermediate_size=c["inter"], num_labels=3,
                                type_vocab_size=1, layer_norm_eps=1e-5, attn_implementation="eager")
         return XLMRobertaForSequenceClassification(cfg).to(device)
@@ -128,6 +135,10 @@ def transformers_step(args, t, s, device, bf16):
     opt = torch.optim.AdamW(params, lr=5e-5)
     divisor = t["layers"] // s["layers"]
     data = workload(args, device)
+    if trimmed:  # the ids renumbered to the trimmed table, as vocabtrimmer's tokenizer would give them
+        table = torch.full((args.vocab,), -1, dtype=torch.long)
+        table[torch.from_numpy(kept)] = torch.arange(len(kept))
+        data = [(table[ids.cpu()].to(device), mask, labels) for ids, mask, labels in data]
 
     def one(ids, mask, labels, bf16):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -166,7 +177,33 @@ def kd_label(step_impl: dict, device) -> str:
     return name if name != "fused" or _dispatch._triton_for(device.type) else "fused (PyTorch fallback)"
 
 
-def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl):
+def cache_teacher_outputs(ctx, data, t, precision, device) -> None:
+    """Give `ctx` a teacher cache of `data`'s rows (built here, untimed) and drop its teacher; each
+    batch gets the `index` of its rows, as training's batches carry it."""
+    import tempfile
+    from pathlib import Path
+
+    from xlmr_mini.data import EncodedSplit
+    from xlmr_mini.kd_loss import kd_taps
+    from xlmr_mini.teacher_cache import CacheSpec, TeacherCache, build, field_dtypes
+
+    rows = [ids[m.bool()].cpu().numpy() for b in data for ids, m in zip(b["input_ids"], b["attention_mask"])]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    enc = EncodedSplit(np.concatenate(rows).astype(np.int32), offsets, np.zeros(len(rows), dtype=np.int64),
+                       ["x"] * len(rows))
+    spec = CacheSpec(teacher="bench", split="bench", taps=kd_taps(ctx.loss_cfg, ctx.layer_map), precision=precision,
+                     device=device.type, hidden=t["hidden"], heads=t["heads"], labels=3)
+    dtypes = field_dtypes(spec, device)
+    path = Path(tempfile.mkdtemp(prefix="kd-step-cache-")) / "cache"
+    build(path, spec, enc, dtypes, ctx.teacher, pad_id=1, device=device)
+    ctx.teacher_cache, ctx.teacher = TeacherCache(path, spec, enc.lengths, dtypes), None
+    start = 0
+    for b in data:
+        b["index"] = torch.arange(start, start + len(b["labels"]))
+        start += len(b["labels"])
+
+
+def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False):
     from xlmr_mini.checkpoint import build_model, hf_state_dict
     from xlmr_mini.config import XLMRConfig
     from xlmr_mini.data import default_cache_dir
@@ -212,6 +249,8 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl):
     table = torch.from_numpy(vocab.old_to_new) if vocab is not None else None
     data = [{"input_ids": ids if table is None else table[ids.cpu()].to(device), "attention_mask": mask, "labels": labels}
             for ids, mask, labels in workload(args, device)]
+    if cached:
+        cache_teacher_outputs(ctx, data, t, resolved, device)
     plan = check_step(ctx, plan, data[0], device, default_cache_dir())
     return (lambda: [train_step(ctx, b, device) for b in data]), resolved, plan
 
@@ -219,6 +258,8 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl):
 def build(args, impl, t, s, device, shared=None):
     """(step function, precision, vocabulary rows, xlmr_mini's kd_impl and compile as run) of one
     implementation; `shared` reuses the transformers models for both of its precisions."""
+    if impl == "transformers-bf16-trimmed":
+        return transformers_step(args, t, s, device, True, trimmed=True), "bf16", len(kept_vocab(args)), None
     if impl.startswith("transformers"):
         precision = "bf16" if impl.endswith("bf16") else "fp32"
         if shared is not None:
@@ -227,7 +268,7 @@ def build(args, impl, t, s, device, shared=None):
     wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
     trimmed = impl != "xlmr_mini-full-vocab"
     step, precision, plan = xlmr_mini_step(args, t, s, device, wanted, trimmed, impl.endswith("compiled"),
-                                           kd_impl(impl))
+                                           kd_impl(impl), cached=impl.endswith("cached"))
     return step, precision, len(kept_vocab(args)) if trimmed else args.vocab, plan.record()
 
 
@@ -241,7 +282,8 @@ def interleaved(args, impls, student_hidden, seq) -> dict:
     args.student_hidden, args.seq = student_hidden, seq
     t, s = shapes(args, student_hidden)
     torch.manual_seed(0)
-    shared = transformers_step(args, t, s, device, False) if any(i.startswith("transformers") for i in impls) else None
+    shared = transformers_step(args, t, s, device, False) if any(i in ("transformers", "transformers-bf16")
+                                                                 for i in impls) else None
     steps = {impl: build(args, impl, t, s, device, shared)[0] for impl in impls}
     for step in steps.values():
         step()  # warm-up (and compilation)

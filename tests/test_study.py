@@ -135,6 +135,14 @@ def test_a_second_study_trains_nothing(demo_study, cache, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/results.json")} == before
 
 
+def test_each_teacher_cache_is_built_once_as_its_own_stage(demo_study, cache):
+    out, _ = demo_study
+    stages = [json.loads(p.read_text()) for p in (out / "runs").glob("teacher-cache-*/cache.json")]
+    # table2/5 and figure2/3 (all languages: one per subset), table3 (seen, english), table4 (english)
+    assert len(stages) == 5 + 2 + 1
+    assert sorted(Path(s["cache"]) for s in stages) == sorted(p for p in (cache / "teacher").iterdir())
+
+
 def test_runs_are_shared_between_plans(demo_study):
     out, _ = demo_study
     t2 = {r["run"] for r in _rows(out / "table2.csv") if r["row"] == "from-teacher, 1L/128" and r["column"] == "KD"}
@@ -148,14 +156,20 @@ def test_dry_run_and_emitted_commands(demo_study, cache, tmp_path, capsys):
     main(["table4", "--data", "demo", "--seed", "3", "--out", str(out), "--cache-dir", str(cache), "--dry-run"] + QUICK)
     printed = capsys.readouterr().out
     assert "estimated time" in printed and "table4" in printed
+    assert "teacher caches: 1, " in printed and "MB of disk in" in printed
     assert len([line for line in printed.splitlines() if "student-" in line and "done" not in line]) == 3
     cmds = tmp_path / "cmds.txt"
     main(["table3", "--data", "demo", "--seed", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
           "--emit-commands", str(cmds)] + QUICK)
     lines = cmds.read_text().splitlines()
     stages = [i for i, line in enumerate(lines) if line.startswith("# stage")]
-    assert len(stages) == 3
-    teachers, selection, students = lines[stages[0] + 1:stages[1]], lines[stages[1] + 1:stages[2]], lines[stages[2] + 1:]
+    assert len(stages) == 4  # the teacher; its selection; its caches and the NON-KD students; the KD students
+    teachers, selection = lines[stages[0] + 1:stages[1]], lines[stages[1] + 1:stages[2]]
+    third, fourth = lines[stages[2] + 1:stages[3]], lines[stages[3] + 1:]
+    caches = [line for line in third if " -m xlmr_mini.cache_teacher " in line]
+    assert len(caches) == 2  # one per training split (seen, english), shared by every init and seed
+    assert all("--no-kd" not in line and " -m xlmr_mini.train " in line for line in fourth)
+    students = [line for line in third if line not in caches] + fourth
     assert len(teachers) == 1 and "--teacher" not in teachers[0] and len(students) == 12
     teacher_dir = teachers[0].split("--out ")[1].split()[0]
     assert len(selection) == 1 and f" -m xlmr_mini.select_teacher {teacher_dir} --out " in selection[0]

@@ -15,7 +15,7 @@ import torch
 
 from xlmr_mini import distributed
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, LossCounts, kd_loss, kd_taps
-from xlmr_mini.model import XLMRClassifier
+from xlmr_mini.model import Output, Taps, XLMRClassifier
 from xlmr_mini.vocab import VocabTrim
 
 
@@ -40,6 +40,7 @@ class StepContext:
     loss_fn: object = None
     parallel: torch.nn.Module | None = None  # DDP over `Trained(student, proj)` under torchrun
     vocab: VocabTrim | None = None  # the student's trimmed vocabulary, None when it has the full one
+    teacher_cache: object = None  # a `teacher_cache.TeacherCache` read instead of running the teacher
 
 
 class Trained(torch.nn.Module):
@@ -95,11 +96,22 @@ def bf16_frozen_linears(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def teacher_forward(ctx: StepContext, input_ids, mask):
-    if ctx.teacher is None or not ctx.loss_cfg.kd:
+def run_teacher(teacher: XLMRClassifier, taps: Taps, input_ids, mask, bf16: bool) -> Output:
+    """The frozen teacher's forward: inference mode, under the run's precision."""
+    with torch.inference_mode(), torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return teacher(input_ids, mask, taps)
+
+
+def teacher_forward(ctx: StepContext, input_ids, mask, index=None) -> Output | None:
+    """The teacher's outputs for the batch: read from the teacher cache (`index`: the examples'
+    positions in the training split) when the run has one, else computed."""
+    if not ctx.loss_cfg.kd:
         return None
-    with torch.inference_mode(), torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-        return ctx.teacher(input_ids, mask, kd_taps(ctx.loss_cfg, ctx.layer_map))
+    if ctx.teacher_cache is not None:
+        return ctx.teacher_cache.read(index, mask.shape[1], mask.device)
+    if ctx.teacher is None:
+        return None
+    return run_teacher(ctx.teacher, kd_taps(ctx.loss_cfg, ctx.layer_map), input_ids, mask, ctx.bf16)
 
 
 def train_step(ctx: StepContext, batch: dict, device, real: bool = True, accum: int = 1) -> dict[str, float]:
@@ -155,7 +167,7 @@ def _forward_backward(ctx: StepContext, batch: dict, device, counts: LossCounts 
     pass only (the last of the step). Returns the pass's loss and terms (undivided parts of the
     step's loss when `counts` are the whole batch's)."""
     input_ids, mask, labels = (to_device(batch[k], device) for k in ("input_ids", "attention_mask", "labels"))
-    teacher_out = teacher_forward(ctx, input_ids, mask)
+    teacher_out = teacher_forward(ctx, input_ids, mask, batch.get("index"))
     loss_fn = ctx.loss_fn or forward_loss
     args = (input_ids, mask, labels, teacher_out, ctx.loss_cfg, ctx.layer_map, ctx.bf16, counts)
     if ctx.parallel is None:

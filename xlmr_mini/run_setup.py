@@ -3,6 +3,7 @@ context (`build_context`): data, tokenizer and labels; the student as `--init` s
 `copy_weights.init_student`); the frozen teacher for KD; optimizer and schedule.
 """
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xlmr_mini import distributed
+from xlmr_mini import distributed, teacher_cache
 from xlmr_mini.checkpoint import build_model, check_model_dir, check_tokenizer, find_tokenizer, read_hf_state_dict
 from xlmr_mini.config import XLMRConfig, check_max_length
 from xlmr_mini.copy_weights import INITS, StudentSpec, init_student, layer_map, scratch_state_dict, student_config
@@ -22,7 +23,7 @@ from xlmr_mini.errors import InputError
 from xlmr_mini.files import check_output_dir
 from xlmr_mini.hardware import resolve_precision
 from xlmr_mini.inference import final_split, label_ids, to_model_labels
-from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
+from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
 from xlmr_mini.kd_step import (StepContext, Trained, bf16_frozen_linears, compile_forward_loss, linear_schedule,
                                make_optimizer)
 from xlmr_mini.model import XLMRClassifier
@@ -187,15 +188,14 @@ def check_models(cfg: TrainConfig, setup: Setup) -> None:
                          f"student's {scfg.vocab_size}; both must share one tokenizer")
 
 
-def load_teacher(setup: Setup, device, vocab: VocabTrim | None = None) -> XLMRClassifier:
+def load_teacher(setup: Setup, device, vocab: VocabTrim | None = None, bf16: bool = False) -> XLMRClassifier:
     """The frozen teacher (its sizes checked by `check_models`); with `vocab`, only its kept
-    word-embedding rows (the same lookups)."""
+    word-embedding rows (the same lookups); with `bf16`, its Linear weights stored in bf16."""
     tcfg, state = read_hf_state_dict(setup.teacher_dir)
-    teacher = build_model(tcfg, state, device=device).eval().requires_grad_(False)
     if vocab is not None:
-        teacher = build_model(trim_config(tcfg, vocab), trim_state_dict(state, vocab), device=device)
-        teacher.eval().requires_grad_(False)
-    return teacher
+        tcfg, state = trim_config(tcfg, vocab), trim_state_dict(state, vocab)
+    teacher = build_model(tcfg, state, device=device).eval().requires_grad_(False)
+    return bf16_frozen_linears(teacher) if bf16 else teacher
 
 
 def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps: int, plan: StepPlan) -> StepContext:
@@ -210,20 +210,23 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
     loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=plan.kd_impl,
                             loss_norm=cfg.loss_norm)
-    teacher, proj, lmap = None, None, []
+    tcfg, proj, lmap = None, None, []
     if loss_cfg.kd:
-        teacher = load_teacher(setup, device, vocab)
-        lmap = layer_map(teacher.cfg.num_hidden_layers, scfg.num_hidden_layers, cfg.layer_map)
-        proj = HiddenProjection(scfg.hidden_size, teacher.cfg.hidden_size, cfg.hid_proj).to(device)
+        tcfg = XLMRConfig.from_hf(setup.teacher_dir)
+        lmap = layer_map(tcfg.num_hidden_layers, scfg.num_hidden_layers, cfg.layer_map)
+        proj = HiddenProjection(scfg.hidden_size, tcfg.hidden_size, cfg.hid_proj).to(device)
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, setup.lr, cfg.weight_decay)
     bf16 = cfg.precision == "bf16"  # resolved by `resolve_run_precision`
-    if bf16 and teacher is not None:
-        bf16_frozen_linears(teacher)
+    teacher, cache = None, None
+    if loss_cfg.kd:
+        load = functools.partial(load_teacher, setup, device, vocab, bf16)
+        cache = teacher_cache.for_run(cfg, setup, tcfg, kd_taps(loss_cfg, lmap), bf16, device, total_steps, load)
+        teacher = None if cache is not None else load()
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
                       optimizer=optimizer, params=params,
                       scheduler=linear_schedule(optimizer, total_steps, math.ceil(cfg.warmup_ratio * total_steps)),
-                      max_grad_norm=cfg.max_grad_norm, vocab=vocab, bf16=bf16)
+                      max_grad_norm=cfg.max_grad_norm, vocab=vocab, bf16=bf16, teacher_cache=cache)
     if plan.compiled:
         ctx.loss_fn = compile_forward_loss()
     ctx.parallel = distributed.wrap(Trained(student, proj))  # None on one process

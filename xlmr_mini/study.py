@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from xlmr_mini.cache_teacher import cache_teacher
 from xlmr_mini.checkpoint import check_model_dir
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.data import TaskData, default_cache_dir, load_task, parse_spec, select_languages, stratified_subset
@@ -50,11 +51,12 @@ from xlmr_mini.inference import final_split
 from xlmr_mini.progress import clock
 from xlmr_mini.run_identity import differences, key
 from xlmr_mini.select_teacher import select_teacher
-from xlmr_mini.study_estimate import measure_step_seconds
+from xlmr_mini.study_estimate import cache_sizer, measure_step_seconds
 from xlmr_mini.study_plan import PLANS, Planner, Run, StudySettings, plan_runs, train_config
+from xlmr_mini.teacher_cache import cache_directory, free_bytes, size_text
 from xlmr_mini.study_report import Results, build_tables, data_warning, draw_figures, write_plan
 from xlmr_mini.train import train
-from xlmr_mini.train_config import DEMO_EPOCHS, TrainConfig, check_seeds
+from xlmr_mini.train_config import DEMO_EPOCHS, TrainConfig, check_seeds, parse_config
 
 # The demo's schedules: teachers fine-tune the pretrained demo base, students distil in a few epochs.
 DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, DEMO_EPOCHS
@@ -163,6 +165,8 @@ def run_one(run: Run, out: Path) -> None:
             train(train_config(run, out), quiet=True, label=run.dir_name)
         except TrainingError as e:
             raise TrainingError(f"run {out}: {e}") from None
+    elif run.tool == "cache_teacher":
+        cache_teacher(parse_config(run.argv + ["--out", str(out)]))
     elif run.tool == "select_teacher":
         select_teacher([Path(d) for d in run.argv], out)
     elif not (out / run.result_file).is_file():
@@ -264,34 +268,43 @@ def _pool(jobs: int):
 # Estimates, listings, commands
 # ---------------------------------------------------------------------------------------------
 def step_counter(task: TaskData):
-    """run -> the number of optimizer steps it will take (from the data's sizes and its flags)."""
+    """run -> the number of optimizer steps it will take (from the data's sizes and its flags); for a
+    teacher cache, the examples it runs the teacher on."""
     sizes: dict[tuple, int] = {}
 
     def steps(run: Run) -> int:
-        if run.tool != "train":
+        if run.tool not in ("train", "cache_teacher"):
             return 0
         cfg = train_config(run, Path("x"))
-        if cfg.max_steps:
-            return cfg.max_steps
         key = (cfg.train_langs, cfg.subset)
         if key not in sizes:
             sizes[key] = len(stratified_subset(select_languages(task.splits["train"], cfg.train_langs, task),
                                                cfg.subset, seed=0).labels)
-        return (cfg.epochs or 30) * math.ceil(sizes[key] / cfg.batch_size)
+        if run.tool == "cache_teacher":  # its unit of work is an example
+            return sizes[key]
+        return cfg.max_steps or (cfg.epochs or 30) * math.ceil(sizes[key] / cfg.batch_size)
 
     return steps
 
 
-def list_runs(runs: dict[str, Run], planner: Planner, steps, seconds_per_step) -> None:
-    total = 0.0
+def list_runs(runs: dict[str, Run], planner: Planner, steps, seconds_per_step, cache_size) -> None:
+    total, disk = 0.0, 0
     for run in runs.values():
         secs = 0.0 if _finished(planner, run) else steps(run) * seconds_per_step(run)
         total += secs
         state = "done" if _finished(planner, run) else f"~{clock(secs)}"
-        print(f"{run.dir_name:<58} {state:>9}  {run.tool} ({', '.join(sorted(run.plans))})")
+        size = cache_size(run) if run.tool == "cache_teacher" else 0
+        disk += size
+        print(f"{run.dir_name:<58} {state:>9}  {run.tool} ({', '.join(sorted(run.plans))})"
+              + (f", {size_text(size)}" if size else ""))
         print(f"    {' '.join(Path(a).name if run.tool == 'select_teacher' else a for a in run.argv)}")
     print(f"{len(runs)} runs; estimated time for the rest on this machine: {clock(total)} "
           f"(from measured step rates; one run at a time)")
+    caches = [r for r in runs.values() if r.tool == "cache_teacher"]
+    if caches:
+        where = cache_directory(train_config(caches[0], Path("x")))
+        print(f"teacher caches: {len(caches)}, {size_text(disk)} of disk in {where} ({size_text(free_bytes(where))} "
+              f"free there); KD students read them instead of running the teacher")
 
 
 def emit_commands(runs: dict[str, Run], planner: Planner, path: Path) -> None:
@@ -311,6 +324,7 @@ def emit_commands(runs: dict[str, Run], planner: Planner, path: Path) -> None:
         for run in stage:
             out = planner.path(run)
             extra = {"train": ["--out", str(out), "--resume"], "select_teacher": ["--out", str(out)],
+                     "cache_teacher": ["--out", str(out)],
                      "evaluate": ["--json", str(out / run.result_file)]}[run.tool]
             lines.append(" ".join([sys.executable, "-m", f"xlmr_mini.{run.tool}", *map(shlex.quote, run.argv + extra)]))
     atomic_write(path, "\n".join(lines) + "\n")
@@ -346,7 +360,7 @@ def _main(argv) -> list[Path]:
         print(warning)
     steps = step_counter(task)
     if args.dry_run:
-        list_runs(runs, planner, steps, measure_step_seconds(s, base_cfg, task))
+        list_runs(runs, planner, steps, measure_step_seconds(s, base_cfg, task), cache_sizer(s, base_cfg, task))
         return []
     check_tables(plans, s.out, planner.identity(), args.overwrite)
     unfinished = any(not _finished(planner, r) for r in runs.values())

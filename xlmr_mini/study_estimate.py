@@ -1,8 +1,9 @@
 """Measured step rates for the study's time estimates: a few real optimizer steps of each model
 shape a study trains (the teacher without KD; half-depth students, full and half width, with and
-without KD), on a real batch of the data, with randomly initialized weights of the base's sizes
-and the vocabulary training keeps (the rows of the data's tokens, `run_setup.task_vocab`; not
-XLM-R's 250k rows, whose embedding and optimizer update would dominate the time).
+without KD) and the teacher's forward pass alone, on a real batch of the data, with randomly
+initialized weights of the base's sizes and the vocabulary training keeps (the rows of the data's
+tokens, `run_setup.task_vocab`; not XLM-R's 250k rows, whose embedding and optimizer update would
+dominate the time); and the size of each teacher cache the study builds.
 """
 import time
 from pathlib import Path
@@ -12,12 +13,15 @@ import torch
 from xlmr_mini.checkpoint import build_model
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import StudentSpec, layer_map, scratch_state_dict, student_config
-from xlmr_mini.data import TaskData, default_cache_dir, encode_split, epoch_batches
+from xlmr_mini.data import (TaskData, default_cache_dir, encode_split, epoch_batches, select_languages,
+                            stratified_subset)
 from xlmr_mini.hardware import resolve_device, resolve_precision, synchronize
-from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig
-from xlmr_mini.kd_step import StepContext, bf16_frozen_linears, linear_schedule, make_optimizer, train_step
+from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
+from xlmr_mini.kd_step import (StepContext, bf16_frozen_linears, linear_schedule, make_optimizer, teacher_forward,
+                               train_step)
 from xlmr_mini.run_setup import task_vocab
 from xlmr_mini.study_plan import Run, StudySettings, common_flags, flags_to_argv, train_config
+from xlmr_mini.teacher_cache import CacheSpec, cache_bytes, field_dtypes
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import TrainConfig
 from xlmr_mini.vocab import trim_config
@@ -57,8 +61,22 @@ def _seconds(ctx: StepContext, batch: dict, device) -> float:
     return (time.perf_counter() - t0) / PROBE_STEPS
 
 
+def _teacher_seconds(ctx: StepContext, batch: dict, device) -> float:
+    """The KD step's teacher forward alone: what a run saves per step when it reads a teacher cache."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    teacher_forward(ctx, ids, mask)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        teacher_forward(ctx, ids, mask)
+    synchronize(device)
+    return (time.perf_counter() - t0) / PROBE_STEPS
+
+
 def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig, task: TaskData):
-    """run -> measured seconds per optimizer step of a model of that run's shape."""
+    """run -> measured seconds per unit of work of a model of that run's shape: per optimizer step
+    (KD students without their teacher's forward pass, which the study's teacher cache stage
+    computes once), and per example for a teacher cache (`cache_teacher` runs)."""
     argv = flags_to_argv({**common_flags(s, "3.2"), "init": "from-scratch", "no-kd": True})
     probe = train_config(Run(name="probe", tool="train", argv=argv), Path("x"))
     device = resolve_device(probe.device)
@@ -80,14 +98,39 @@ def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig, task: TaskData)
         for width, spec in (("full", half), ("half", narrow)):
             for kd in (False, True):
                 rates[(width, kd)] = _seconds(_context(probe, teacher_cfg, spec, kd, device), batch, device)
+        forward = _teacher_seconds(_context(probe, teacher_cfg, half, True, device), batch, device)
     finally:
         torch.set_num_threads(threads)
 
     def seconds_per_step(run: Run) -> float:
+        if run.tool == "cache_teacher":
+            return forward / len(batch["labels"])
         if "--teacher" not in run.argv:
             return rates[("teacher", False)]
         width = "half" if "--hidden" in run.argv else "full"
-        return rates[(width, "--no-kd" not in run.argv)]
+        kd = "--no-kd" not in run.argv
+        return max(rates[(width, kd)] - forward, 0.0) if kd else rates[(width, kd)]
 
     return seconds_per_step
 
+
+
+def cache_sizer(s: StudySettings, base_cfg: XLMRConfig, task: TaskData):
+    """`cache_teacher` run -> the bytes of the cache it writes (from the tokenized split's lengths)."""
+    tok = Tokenizer(task.tokenizer_path or Path(s.base) / "tokenizer.json")
+
+    def size(run: Run) -> int:
+        cfg = train_config(run, Path("x"))
+        split = stratified_subset(select_languages(task.splits["train"], cfg.train_langs, task), cfg.subset, seed=0)
+        enc = encode_split(split, tok, cfg.max_length, cache_dir=cfg.cache_dir)
+        lmap = layer_map(base_cfg.num_hidden_layers, cfg.layers or max(1, base_cfg.num_hidden_layers // 2),
+                         cfg.layer_map)
+        device = resolve_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device, base_cfg.hidden_size, cfg.cache_dir or default_cache_dir())
+        spec = CacheSpec(teacher="", split="", taps=kd_taps(KDLossConfig(att_target=cfg.att_target, impl=cfg.kd_impl),
+                                                               lmap),
+                         precision=precision, device=device.type, hidden=base_cfg.hidden_size,
+                         heads=base_cfg.num_attention_heads, labels=len(task.labels))
+        return cache_bytes(spec, enc.lengths, field_dtypes(spec, device))
+
+    return size

@@ -26,8 +26,12 @@ from xlmr_mini.run_identity import INPUTS, data_fingerprint, key, model_fingerpr
 from xlmr_mini.train_config import TrainConfig, paper_settings, parse_config
 
 PLANS = ("table2", "table3", "table4", "table5", "figure2", "figure3")
+# Student flags that do not enter the teacher cache's key: every student of a teacher that differs
+# only in these reads one cache (both widths, every init and seed).
+NOT_IN_CACHE_KEY = ("init", "base", "hidden", "seed", "no-kd")
 SUBSETS = (0.01, 0.05, 0.1, 0.2, 1.0)  # Figure 2: stratified fractions of the training data
-TOOL_RESULTS = {"train": "results.json", "evaluate": "scores.json", "select_teacher": "selection.json"}
+TOOL_RESULTS = {"train": "results.json", "evaluate": "scores.json", "select_teacher": "selection.json",
+                "cache_teacher": "cache.json"}
 
 # The paper's published micro-F1 (%), for reference beside ours.
 PAPER = {
@@ -62,7 +66,7 @@ PAPER = {
 
 @dataclasses.dataclass
 class Run:
-    """One command of the study. `tool` is "train", "evaluate" or "select_teacher" (a module of
+    """One command of the study. `tool` is "train", "evaluate", "select_teacher" or "cache_teacher" (a module of
     xlmr_mini); `argv` its arguments, without --out (or --json), which the run's directory
     supplies; `after` the runs that must finish first."""
 
@@ -80,7 +84,7 @@ class Run:
     @property
     def result_file(self) -> str:
         """What a finished run leaves in its directory: train's results.json, evaluate's --json,
-        select_teacher's selection.json."""
+        select_teacher's selection.json, cache_teacher's cache.json."""
         return TOOL_RESULTS[self.tool]
 
 
@@ -198,7 +202,17 @@ class Planner:
         width = hidden or self.base_hidden
         name = (f"student-{init}-{'kd' if kd else 'nokd'}-{width}-{langs}"
                 + (f"-{subset:g}" if subset < 1.0 else "") + f"-seed{seed}")
-        return self.add(plan, name, "train", flags, after=[teacher])
+        run = self.add(plan, name, "train", flags, after=[teacher])
+        if kd:  # not part of the student's identity: reading the cache is the same run
+            cache = self.teacher_cache(plan, teacher, flags, langs, subset)
+            run.after += [cache.key] if cache.key not in run.after else []
+        return run
+
+    def teacher_cache(self, plan: str, teacher: Run, student_flags: dict, langs: str, subset: float) -> Run:
+        """The stage that computes the teacher's outputs once for the KD students that read them."""
+        flags = {k: v for k, v in student_flags.items() if k not in NOT_IN_CACHE_KEY}
+        name = f"teacher-cache-{langs}" + (f"-{subset:g}" if subset < 1.0 else "")
+        return self.add(plan, name, "cache_teacher", flags, after=[teacher])
 
     def copied_student(self, plan: str, teacher: Run) -> Run:
         flags = {"init": "from-teacher", "teacher": self.path(teacher) / "best", "data": self.s.data,
@@ -243,9 +257,10 @@ def plan_runs(plans: list[str], planner: Planner) -> dict[str, Run]:
                         p.student(plan, t, init, True, "all", "3.2", seed, subset=subset)
         else:
             raise ValueError(f"unknown plan {plan!r}")
-    stage = {"train": 0, "select_teacher": 0, "evaluate": 1}  # teachers, their selections, students, evaluations
+    # teachers, their selections and caches (each after its selection), students, evaluations
+    stage = {"train": 0, "select_teacher": 0, "cache_teacher": 0, "evaluate": 1}
     return dict(sorted(p.runs.items(), key=lambda kv: (stage[kv[1].tool], kv[1].tool == "train" and bool(kv[1].after),
-                                                       kv[1].tool == "select_teacher")))
+                                                       kv[1].tool in ("select_teacher", "cache_teacher"))))
 
 
 def train_config(run: Run, out: Path) -> TrainConfig:

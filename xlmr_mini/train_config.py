@@ -36,6 +36,7 @@ SECTIONS = ("3.2", "3.3", "3.4")
 SECTION_OF_LANGS = {"all": "3.2", "seen": "3.3", "english": "3.4"}
 PRESETS = ("paper",) + tuple(f"paper-{s}" for s in SECTIONS)
 SAVE_VOCABS = ("full", "task")
+TEACHER_CACHE_MODES = ("auto", "on", "off")
 REPORT_TO = ("none", "tensorboard")
 # §3.1: evaluation every 5000 steps on massive for §3.2-3.3 and 100 for §3.4 (English only);
 # on tsm 500, 250 and 60 for §3.2 (all languages), §3.3 (seen languages) and §3.4.
@@ -158,6 +159,11 @@ class TrainConfig:
     save_vocab: str = _field("full", "vocabulary of the saved model: full (a drop-in model with the teacher's tokenizer; "
                              "rows of tokens never seen in training as they started) or task (only the data's tokens, "
                              "with a trimmed tokenizer.json; Unigram tokenizers such as XLM-R's)", choices=SAVE_VOCABS)
+    teacher_cache: str = _field("auto", "keep the teacher's outputs on disk after the first pass and read them instead of "
+                                "running the teacher: auto (when the run reads the training data more than once, "
+                                "or has several seeds, and the cache takes at most half the free disk; otherwise "
+                                "it says why not), on, or off", choices=TEACHER_CACHE_MODES)
+    teacher_cache_dir: str | None = _field(None, "directory of the teacher caches (default: CACHE_DIR/teacher)")
     compile: str = _field("auto", "torch.compile the forward + loss of the training step (fullgraph): on, off, or "
                           "auto: on CUDA, checked against eager on the first batch (falls back on a mismatch), off on "
                           "CPU (--compile alone: on)", choices=COMPILES, const="on")
@@ -231,7 +237,7 @@ class TrainConfig:
         # grad_accum changes the sums' order only (the same run within float rounding).
         ignored = {"out", "resume", "overwrite", "stop_after", "num_threads", "compile", "kd_impl", "device", "cache_dir", "preset",
                    "dist_timeout", "grad_accum", "save_steps", "keep_checkpoint", "logging_steps", "report_to",
-                   "deterministic"}
+                   "deterministic", "teacher_cache", "teacher_cache_dir"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
