@@ -23,6 +23,7 @@ from xlmr_mini.files import atomic_write
 from xlmr_mini.hardware import resolve_device
 from xlmr_mini.kd_loss import KDLossConfig, kd_taps
 from xlmr_mini.run_setup import load_teacher, prepare, resolve_run_precision, student_spec
+from xlmr_mini.step_impl import plan_step
 from xlmr_mini.train_config import TrainConfig, parse_config
 
 RESULT_FILE = "cache.json"
@@ -43,7 +44,8 @@ def cache_teacher(cfg: TrainConfig) -> dict:
         tcfg = XLMRConfig.from_hf(setup.teacher_dir)
         student_layers = student_config(tcfg, student_spec(cfg, setup)).num_hidden_layers
         lmap = layer_map(tcfg.num_hidden_layers, student_layers, cfg.layer_map)
-        taps = kd_taps(KDLossConfig(att_target=cfg.att_target, impl=cfg.kd_impl, loss_norm=cfg.loss_norm), lmap)
+        impl = plan_step(cfg.kd_impl, cfg.compile, device, True, cfg.loss_norm).kd_impl  # as the run resolves it
+        taps = kd_taps(KDLossConfig(att_target=cfg.att_target, impl=impl, loss_norm=cfg.loss_norm), lmap)
         bf16 = cfg.precision == "bf16"
         load = functools.partial(load_teacher, setup, device, setup.vocab, bf16)
         cache = teacher_cache.for_run(cfg, setup, tcfg, taps, bf16, device, 0, load)

@@ -20,6 +20,7 @@ from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
 from xlmr_mini.kd_step import (StepContext, bf16_frozen_linears, linear_schedule, make_optimizer, teacher_forward,
                                train_step)
 from xlmr_mini.run_setup import task_vocab
+from xlmr_mini.step_impl import plan_step
 from xlmr_mini.study_plan import Run, StudySettings, common_flags, flags_to_argv, train_config
 from xlmr_mini.teacher_cache import CacheSpec, cache_bytes, field_dtypes
 from xlmr_mini.tokenizer import Tokenizer
@@ -127,8 +128,8 @@ def cache_sizer(s: StudySettings, base_cfg: XLMRConfig, task: TaskData):
                          cfg.layer_map)
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.precision, device, base_cfg.hidden_size, cfg.cache_dir or default_cache_dir())
-        spec = CacheSpec(teacher="", split="", taps=kd_taps(KDLossConfig(att_target=cfg.att_target, impl=cfg.kd_impl),
-                                                               lmap),
+        impl = plan_step(cfg.kd_impl, cfg.compile, device, True, cfg.loss_norm).kd_impl  # as the run resolves it
+        spec = CacheSpec(teacher="", split="", taps=kd_taps(KDLossConfig(att_target=cfg.att_target, impl=impl), lmap),
                          precision=precision, device=device.type, hidden=base_cfg.hidden_size,
                          heads=base_cfg.num_attention_heads, labels=len(task.labels))
         return cache_bytes(spec, enc.lengths, field_dtypes(spec, device))
