@@ -20,6 +20,7 @@ from xlmr_mini.kd_step import StepContext, Trained, TrainingError, forward_loss,
     to_device, train_step
 from xlmr_mini.kernels import _dispatch
 from xlmr_mini.model import XLMRClassifier, init_weights
+from xlmr_mini.step_impl import plan_step
 from xlmr_mini.study_plan import Planner, StudySettings, plan_runs
 from xlmr_mini.train_config import TrainConfig
 
@@ -236,14 +237,19 @@ def test_kd_step_bench_rows_say_which_kd_loss_ran(impl, capsys, monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU without the interpreter: the fallback
     ran = []
-    monkeypatch.setattr(bench_kd_step, "xlmr_mini_step", lambda *a: ran.append(a[-1]) or ((lambda: None), "fp32"))
+    def step(*a):  # what the row asked for, planned as training plans it (no self-check here)
+        ran.append(a[-1])
+        return (lambda: None), "fp32", plan_step(a[-1], "off", torch.device("cpu"), True, "masked")
+
+    monkeypatch.setattr(bench_kd_step, "xlmr_mini_step", step)
     monkeypatch.setattr(bench_kd_step, "measure", lambda *a, **k: type("M", (), dict(
         rate=1.0, median_s=1.0, spread_s=0.0, peak_mem_mb=1.0))())
     bench_kd_step.main(["--quick", "--one", impl, "--student-hidden", "384", "--seq", "16"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = TrainConfig().kd_impl if impl == "xlmr_mini" else "fused"
     assert ran == [want]
-    assert row["kd_impl"] == (want if want != "fused" else "fused (PyTorch fallback)")
+    # auto runs the reference on a CPU; the fused row names the fallback that ran in its place
+    assert row["kd_impl"] == ("reference" if want == "auto" else "fused (PyTorch fallback)")
 
 
 def test_study_passes_deterministic_to_every_run_without_changing_its_identity(tmp_path):

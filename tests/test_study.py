@@ -355,7 +355,7 @@ def test_dry_run_lists_three_teachers_each_students_paper_flags_and_the_data_war
     students = {name: parse_config(argv) for name, argv in runs.items() if name.startswith("student-")}
     assert len(students) == 3 * 2 * 2 * 3  # init x KD x training languages x seeds
     for name, cfg in students.items():  # §3.3's settings, the English-trained students' too; fp32, random batches
-        assert (cfg.precision, cfg.group_by_length, cfg.eval_last_step) == ("fp32", False, False), name
+        assert (cfg.precision, cfg.group_by_length, cfg.eval_last_step, cfg.logging_steps) == ("fp32", False, False, 500), name
         assert (cfg.eval_steps, cfg.batch_size, cfg.epochs) == (250, 8, 30), name
         assert cfg.teacher == str(tmp_path / "s" / "runs" / selected / "best"), name
     assert {cfg.train_langs for cfg in students.values()} == {"seen", "english"}

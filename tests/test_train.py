@@ -332,6 +332,7 @@ def test_paper_preset_fills_what_is_not_given():
     assert (cfg.batch_size, cfg.epochs, cfg.seeds, cfg.eval_steps) == (8, 30, (1, 2, 3), 250)
     # The paper trained in fp32 on plain random batches, evaluating only every --eval-steps.
     assert (cfg.precision, cfg.group_by_length, cfg.eval_last_step) == ("fp32", False, False)
+    assert cfg.logging_steps == 500  # transformers' logging_steps: not a ~1 GB metrics.jsonl on massive
     assert parse_config(["--preset", "paper", "--data", "massive:x", "--langs", "english"]).eval_steps == 100
     assert parse_config(["--preset", "paper", "--data", "tsm:x"]).eval_steps == 500
     assert parse_config(["--preset", "paper", "--data", "massive:x", "--langs", "seen"]).eval_steps == 5000
@@ -347,7 +348,7 @@ def test_paper_preset_fills_what_is_not_given():
     # Not a preset: our defaults; and the preset is no part of a run's identity.
     plain = parse_config(["--data", "tsm:x"])
     assert (plain.batch_size, plain.seeds, plain.eval_steps, plain.epochs) == (32, (42,), None, None)
-    assert (plain.precision, plain.group_by_length, plain.eval_last_step) == ("auto", True, True)
+    assert (plain.precision, plain.group_by_length, plain.eval_last_step, plain.logging_steps) == ("auto", True, True, 1)
     same = parse_config(["--data", "tsm:x", "--batch-size", "8", "--epochs", "30", "--seed", "1", "2", "3",
                          "--eval-steps", "500", "--precision", "fp32", "--no-group-by-length", "--no-eval-last-step"])
     assert parse_config(["--preset", "paper", "--data", "tsm:x"]).identity() == same.identity()

@@ -44,7 +44,7 @@ def cache_teacher(cfg: TrainConfig) -> dict:
         tcfg = XLMRConfig.from_hf(setup.teacher_dir)
         student_layers = student_config(tcfg, student_spec(cfg, setup)).num_hidden_layers
         lmap = layer_map(tcfg.num_hidden_layers, student_layers, cfg.layer_map)
-        impl = plan_step(cfg.kd_impl, cfg.compile, device, True, cfg.loss_norm).kd_impl
+        impl = plan_step(cfg.kd_impl, cfg.compile, device, True, cfg.loss_norm).kd_impl  # as the run resolves it
         taps = kd_taps(KDLossConfig(att_target=cfg.att_target, impl=impl, loss_norm=cfg.loss_norm), lmap)
         bf16 = cfg.precision == "bf16"
         load = functools.partial(load_teacher, setup, device, setup.vocab, bf16)

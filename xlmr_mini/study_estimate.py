@@ -128,10 +128,8 @@ def cache_sizer(s: StudySettings, base_cfg: XLMRConfig, task: TaskData):
                          cfg.layer_map)
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.precision, device, base_cfg.hidden_size, cfg.cache_dir or default_cache_dir())
-        spec = CacheSpec(teacher="", split="", taps=kd_taps(KDLossConfig(att_target=cfg.att_target,
-                                                                  impl=plan_step(cfg.kd_impl, cfg.compile, device,
-                                                                                 True, "masked").kd_impl),
-                                                               lmap),
+        impl = plan_step(cfg.kd_impl, cfg.compile, device, True, cfg.loss_norm).kd_impl  # as the run resolves it
+        spec = CacheSpec(teacher="", split="", taps=kd_taps(KDLossConfig(att_target=cfg.att_target, impl=impl), lmap),
                          precision=precision, device=device.type, hidden=base_cfg.hidden_size,
                          heads=base_cfg.num_attention_heads, labels=len(task.labels))
         return cache_bytes(spec, enc.lengths, field_dtypes(spec, device))

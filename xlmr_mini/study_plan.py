@@ -132,7 +132,8 @@ def common_flags(s: StudySettings, section: str) -> dict:
     if not s.is_demo:
         paper = paper_settings(s.data, section)
         flags.update({"batch-size": paper["batch_size"], "epochs": paper["epochs"], "eval-steps": paper["eval_steps"],
-                      "group-by-length": paper["group_by_length"], "eval-last-step": paper["eval_last_step"]})
+                      "group-by-length": paper["group_by_length"], "eval-last-step": paper["eval_last_step"],
+                      "logging-steps": paper["logging_steps"]})
     flags.update(dict(s.overrides))
     return flags
 

@@ -43,7 +43,9 @@ REPORT_TO = ("none", "tensorboard")
 PAPER_EVAL_STEPS = {("massive", "3.2"): 5000, ("massive", "3.3"): 5000, ("massive", "3.4"): 100,
                     ("tsm", "3.2"): 500, ("tsm", "3.3"): 250, ("tsm", "3.4"): 60}
 # Fields whose default depends on --preset: (without a preset, with the paper's).
-PRESET_DEFAULTS = {"precision": ("auto", "fp32"), "group_by_length": (True, False), "eval_last_step": (True, False)}
+# logging_steps: transformers' default of 500 (one record per step would be ~1 GB on massive).
+PRESET_DEFAULTS = {"precision": ("auto", "fp32"), "group_by_length": (True, False), "eval_last_step": (True, False),
+                   "logging_steps": (1, 500)}
 
 
 def paper_settings(data: str | None, section: str | None) -> dict:
@@ -116,9 +118,10 @@ class TrainConfig:
                                     "each evaluation)")
     keep_checkpoint: bool = _field(False, "keep checkpoint/ (optimizer state, about twice the model) after the run "
                                    "finishes; by default a finished run removes it")
-    logging_steps: int = _field(1, "write one training record to metrics.jsonl every this many steps: the mean of "
-                                "their loss terms (a record is ~440 bytes; at the paper's settings one per step "
-                                "adds up to ~1 GB on massive)")
+    logging_steps: int | None = _field(None, "write one training record to metrics.jsonl every this many steps: the "
+                                       "mean of their loss terms (a record is ~440 bytes; one per step adds up to "
+                                       "~1 GB on massive at the paper's settings) (default: 1; --preset paper: 500, "
+                                       "transformers' default)")
     report_to: str = _field("none", "also log to TensorBoard, in <out>/tensorboard (pip install -e \".[tensorboard]\")",
                             choices=REPORT_TO)
     seeds: list[int] | None = _field(None, "one run per seed, e.g. --seed 1 2 3; several report mean and spread and "
