@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+TSM = SHARED / "data" / "tweet_sentiment_multilingual"
+XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"  # XLM-R's real 250,002 pieces
 
 
 def map_checkout_packages() -> None:
@@ -34,6 +36,12 @@ def map_checkout_packages() -> None:
 
 
 map_checkout_packages()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One cache directory (tokenized data, the demo's models, probes) per test module."""
+    return tmp_path_factory.mktemp("cache")
 
 
 def requires_shared(*parts: str):

@@ -237,9 +237,9 @@ def test_kd_step_bench_rows_say_which_kd_loss_ran(impl, capsys, monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU without the interpreter: the fallback
     ran = []
-    def step(*a):  # what the row asked for, planned as training plans it (no self-check here)
-        ran.append(a[-1])
-        return (lambda: None), "fp32", plan_step(a[-1], "off", torch.device("cpu"), True, "masked")
+    def step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False):
+        ran.append(loss_impl)  # what the row asked for, planned as training plans it (no self-check here)
+        return (lambda: None), "fp32", plan_step(loss_impl, "off", torch.device("cpu"), True, "masked")
 
     monkeypatch.setattr(bench_kd_step, "xlmr_mini_step", step)
     monkeypatch.setattr(bench_kd_step, "measure", lambda *a, **k: type("M", (), dict(

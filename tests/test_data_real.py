@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import SHARED, TSM, XLMR_TOKENIZER
 
 from xlmr_mini.data import (
     TSM_LABELS, UNSEEN, encode_split, epoch_batches, load_task, select_languages, stratified_subset,
@@ -14,8 +14,6 @@ from xlmr_mini.data import (
 from xlmr_mini.errors import InputError
 
 MASSIVE = SHARED / "data" / "massive" / "1.1" / "data"
-TSM = SHARED / "data" / "tweet_sentiment_multilingual"
-XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
 
 
 def _need(path: Path):

@@ -29,11 +29,6 @@ RUN_TIMEOUT_S = 180  # a hung collective must fail the test, not the CI job
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def teacher(cache, tmp_path_factory) -> Path:
     return tiny_demo_model(cache, tmp_path_factory.mktemp("teacher"), hidden=64, heads=4, intermediate=128)
 

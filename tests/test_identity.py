@@ -19,11 +19,6 @@ from xlmr_mini.train_config import parse_config
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def teacher_src(cache, tmp_path_factory) -> Path:
     return tiny_demo_model(cache, tmp_path_factory.mktemp("teacher") / "best")
 

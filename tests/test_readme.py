@@ -5,15 +5,11 @@ import importlib
 import re
 import shlex
 
-import pytest
-
-from conftest import REPO, SHARED, requires_shared
+from conftest import REPO, TSM, XLMR_TOKENIZER, requires_shared
 from xlmr_mini.checkpoint import save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
 
-TSM = SHARED / "data" / "tweet_sentiment_multilingual"
-XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
 # Appended per command: few steps, short texts, one thread, the test's cache.
 QUICK = {"train": ["--max-steps", "2", "--max-length", "32", "--eval-batch-size", "512", "--num-threads", "1"],
          "evaluate": ["--max-length", "32", "--batch-size", "512"], "predict": ["--max-length", "32", "--batch-size", "512"],

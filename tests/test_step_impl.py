@@ -15,11 +15,6 @@ from xlmr_mini.train import main
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def teacher(cache, tmp_path_factory) -> Path:
     # Dropout 0.1: a self-check that left the student in eval mode or drew random numbers would
     # change the run.

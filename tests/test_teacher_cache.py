@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED, requires_shared
+from conftest import REPO, TSM, XLMR_TOKENIZER, requires_shared
 from test_distributed import _assert_same_weights, _finish, _torchrun
 from xlmr_mini import run_setup, teacher_cache
 from xlmr_mini.checkpoint import build_model, save_hf
@@ -28,14 +28,6 @@ from xlmr_mini.model import Taps
 from xlmr_mini.teacher_cache import CacheSpec, TeacherCache
 from xlmr_mini.train import main, run_seed
 from xlmr_mini.train_config import parse_config
-
-TSM = SHARED / "data" / "tweet_sentiment_multilingual"
-XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")

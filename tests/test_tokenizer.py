@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import SHARED, requires_shared
+from conftest import SHARED, XLMR_TOKENIZER, requires_shared
 
 from xlmr_mini.checkpoint import save_hf
 from xlmr_mini.config import XLMRConfig
@@ -12,7 +12,6 @@ from xlmr_mini.errors import InputError
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.trim import UNTRUNCATED, main as trim_main
 
-XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
 TSM, MASSIVE = SHARED / "data" / "tweet_sentiment_multilingual", SHARED / "data" / "massive" / "1.1" / "data"
 # Whitespace that the original SentencePiece model (and transformers) never turns into pieces.
 SPACED = ["ends in a space ", " starts with one", "two  inside", "\ttab and\nnewline\n", " ", ""]

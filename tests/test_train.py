@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED, padded_batch, requires_shared
+from conftest import TSM, XLMR_TOKENIZER, padded_batch, requires_shared
 from xlmr_mini.checkpoint import load_model, save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
@@ -22,14 +22,6 @@ from xlmr_mini.demo_models import demo_architecture
 from xlmr_mini.kd_step import compile_forward_loss, forward_loss, train_step
 from xlmr_mini.train import main, train
 from xlmr_mini.train_config import DEMO_LR, TrainConfig
-
-TSM = SHARED / "data" / "tweet_sentiment_multilingual"
-XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +257,6 @@ def test_compiled_kd_step_matches_eager():
     torch.testing.assert_close(t_c, t_e, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
 
 
 # ---------------------------------------------------------------------------------------------

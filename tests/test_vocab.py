@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED, requires_shared
+from conftest import TSM, XLMR_TOKENIZER, requires_shared
 from xlmr_mini import hardware
 from xlmr_mini.checkpoint import load_model, save_hf
 from xlmr_mini.config import XLMRConfig
@@ -24,8 +24,6 @@ from xlmr_mini.vocab import (
     WORD_KEY, VocabTrim, expand_state_dict, kept_ids, trim_state_dict, unk_rates, weight_decay_scale,
 )
 
-TSM = SHARED / "data" / "tweet_sentiment_multilingual"
-XLMR_TOKENIZER = SHARED / "tokenizers" / "xlm-roberta" / "tokenizer.json"
 real_tweets = [requires_shared("data", "tweet_sentiment_multilingual"),
                requires_shared("tokenizers", "xlm-roberta", "tokenizer.json")]
 

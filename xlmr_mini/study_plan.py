@@ -22,7 +22,7 @@ import functools
 from pathlib import Path
 
 from xlmr_mini.copy_weights import INITS
-from xlmr_mini.run_identity import INPUTS, data_fingerprint, key, model_fingerprint, settings, study_identity
+from xlmr_mini.run_identity import INPUTS, RESULT_NEUTRAL, data_fingerprint, key, model_fingerprint, settings, study_identity
 from xlmr_mini.train_config import TrainConfig, paper_settings, parse_config
 
 PLANS = ("table2", "table3", "table4", "table5", "figure2", "figure3")
@@ -169,8 +169,8 @@ class Planner:
         if tool == "train":  # the trainer's own notion of "the same run", with its inputs by content
             identity = {"tool": tool, **settings(parse_config(flags_to_argv(flags) + ["--out", "x"])), **inputs}
         else:
-            identity = {"tool": tool, "argv": flags_to_argv({k: v for k, v in flags.items() if k not in INPUTS}),
-                        **inputs}
+            argv = flags_to_argv({k: v for k, v in flags.items() if k not in INPUTS + RESULT_NEUTRAL})
+            identity = {"tool": tool, "argv": argv, **inputs}
         k = key(identity)
         run = self.runs.setdefault(k, Run(name=name, tool=tool, argv=list(argv) + flags_to_argv(flags),
                                           after=[r.key for r in after], key=k))
