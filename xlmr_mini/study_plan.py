@@ -169,8 +169,8 @@ class Planner:
         if tool == "train":  # the trainer's own notion of "the same run", with its inputs by content
             identity = {"tool": tool, **settings(parse_config(flags_to_argv(flags) + ["--out", "x"])), **inputs}
         else:
-            argv = flags_to_argv({k: v for k, v in flags.items() if k not in INPUTS + RESULT_NEUTRAL})
-            identity = {"tool": tool, "argv": argv, **inputs}
+            settings_argv = flags_to_argv({k: v for k, v in flags.items() if k not in INPUTS + RESULT_NEUTRAL})
+            identity = {"tool": tool, "argv": settings_argv, **inputs}
         k = key(identity)
         run = self.runs.setdefault(k, Run(name=name, tool=tool, argv=list(argv) + flags_to_argv(flags),
                                           after=[r.key for r in after], key=k))
