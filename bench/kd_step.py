@@ -204,6 +204,8 @@ def cache_teacher_outputs(ctx, data, t, precision, device) -> None:
 
 
 def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False):
+    from pathlib import Path
+
     from xlmr_mini.checkpoint import build_model, hf_state_dict
     from xlmr_mini.config import XLMRConfig
     from xlmr_mini.data import default_cache_dir
@@ -214,7 +216,7 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
     )
     from xlmr_mini.model import XLMRClassifier, init_weights
     from xlmr_mini.step_impl import check_step, plan_step
-    from xlmr_mini.vocab import WORD_KEY, VocabTrim, trim_config, trim_state_dict
+    from xlmr_mini.vocab import WORD_KEY, VocabTrim, offload_rows, trim_config, trim_state_dict
 
     vocab = VocabTrim(kept=kept_vocab(args), full_size=args.vocab) if trimmed else None
 
@@ -232,7 +234,8 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
     teacher.eval().requires_grad_(False)
     student.train()
     if vocab is not None:
-        vocab = VocabTrim(kept=vocab.kept, full_size=args.vocab, initial_rows=initial_rows)
+        rows = offload_rows(initial_rows, Path(default_cache_dir()) / "tmp")  # as run_setup.build_context does
+        vocab = VocabTrim(kept=vocab.kept, full_size=args.vocab, initial_rows=rows)
     proj = HiddenProjection(s["hidden"], t["hidden"], "linear").to(device)
     plan = plan_step(loss_impl, "on" if compiled else "auto", device, True, "masked")  # as `train` resolves them
     loss_cfg = KDLossConfig(att_target=args.att_target, impl=plan.kd_impl)
@@ -251,7 +254,7 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
             for ids, mask, labels in workload(args, device)]
     if cached:
         cache_teacher_outputs(ctx, data, t, resolved, device)
-    plan = check_step(ctx, plan, data[0], device, default_cache_dir())
+    plan = check_step(ctx, plan, data[0], device, default_cache_dir(), args.run_steps)
     return (lambda: [train_step(ctx, b, device) for b in data]), resolved, plan
 
 
@@ -328,7 +331,8 @@ def run_one(args):
 def spawn(args, impl, student_hidden, seq):
     cmd = [sys.executable, "-m", "bench.kd_step", "--one", impl, "--student-hidden", str(student_hidden),
            "--seq", str(seq), "--batch", str(args.batch), "--vocab", str(args.vocab), "--repeats", str(args.repeats),
-           "--att-target", args.att_target, "--kept", str(args.kept), "--sample-batches", str(args.sample_batches)]
+           "--att-target", args.att_target, "--kept", str(args.kept), "--sample-batches", str(args.sample_batches),
+           "--run-steps", str(args.run_steps)]
     cmd += (["--quick"] if args.quick else []) + (["--data", args.data, "--tokenizer", args.tokenizer] if args.data else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -353,6 +357,8 @@ def main(argv=None):
     p.add_argument("--data", help="tweet_sentiment_multilingual directory: time real batches of an epoch instead")
     p.add_argument("--tokenizer", help="XLM-R tokenizer.json (with --data)")
     p.add_argument("--sample-batches", type=int, default=4, help="with --data: batches timed per repeat")
+    p.add_argument("--run-steps", type=int, default=6900, help="the steps of the run whose --compile auto the "
+                   "default decides (a paper tsm run: 30 epochs of 230 batches)")
     p.add_argument("--json", action="store_true", help="print one JSON object per implementation; record nothing")
     p.add_argument("--quick", action="store_true", help="tiny shapes, prints only")
     p.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)

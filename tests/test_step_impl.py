@@ -40,8 +40,10 @@ def _run(teacher: Path, cache: Path, out: Path, *flags: str) -> tuple[dict, list
 
 def test_auto_resolves_per_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert (plan_step("auto", "auto", cpu, True, "masked").kd_impl, plan_step("auto", "auto", cpu, True, "masked").compiled) \
-        == ("reference", False)
+    on_cpu = plan_step("auto", "auto", cpu, True, "masked")
+    # --compile auto is a candidate everywhere until the first batch's measurement decides it.
+    assert (on_cpu.kd_impl, on_cpu.compiled, on_cpu.check_fused, on_cpu.check_compiled) == ("reference", True, False,
+                                                                                            True)
     on_gpu = plan_step("auto", "auto", cuda, True, "masked")
     assert (on_gpu.kd_impl, on_gpu.compiled, on_gpu.check_fused, on_gpu.check_compiled) == ("fused", True, True, True)
     assert plan_step("auto", "auto", cuda, True, "tinybert").kd_impl == "reference"  # the kernels' norm is masked
@@ -49,9 +51,10 @@ def test_auto_resolves_per_device():
     explicit = plan_step("fused", "off", cuda, True, "masked")
     assert (explicit.kd_impl, explicit.compiled, explicit.check_fused, explicit.check_compiled) == ("fused", False,
                                                                                                    False, False)
-    assert plan_step("reference", "on", cpu, True, "masked").compiled
-    assert plan_step("auto", "auto", cpu, True, "masked").record() == {
-        "kd_impl": {"asked": "auto", "used": "reference"}, "compile": {"asked": "auto", "used": False}}
+    on = plan_step("reference", "on", cpu, True, "masked")
+    assert on.compiled and not on.check_compiled
+    assert plan_step("reference", "off", cpu, True, "masked").record() == {
+        "kd_impl": {"asked": "reference", "used": "reference"}, "compile": {"asked": "off", "used": False}}
 
 
 def test_auto_selects_fused_where_the_device_qualifies_and_caches_the_check(teacher, cache, tmp_path, monkeypatch,
@@ -60,17 +63,21 @@ def test_auto_selects_fused_where_the_device_qualifies_and_caches_the_check(teac
     results, losses = _run(teacher, cache, tmp_path / "a")
     check = results["step_check"]
     assert results["kd_impl"]["asked"] == "auto" and results["kd_impl"]["used"] == "fused"
-    assert check["fused"]["ok"] and not check["cached"] and check["precision"] == "fp32"
+    assert check["fused"]["ok"] and not check["fused"]["cached"] and check["precision"] == "fp32"
     assert (check["atol"], check["rtol"]) == step_impl.TOLERANCES["fp32"]
+    # Two steps of a tiny model: far too short for a compile to pay back, so not even probed.
     assert results["compile"] == {"asked": "auto", "used": False}
+    detail = check["compiled"]["detail"]
+    assert detail.startswith("not probed: the run's 2 steps take ~") and detail.endswith("too few for a compile to "
+                                                                                         "pay back"), detail
     assert "--kd-impl auto" not in capsys.readouterr().out
     # The fused run is the reference run within float rounding (same dropout draws: the check drew none).
     _, reference = _run(teacher, cache, tmp_path / "r", "--kd-impl", "reference")
     assert losses == pytest.approx(reference, rel=1e-5)
 
-    monkeypatch.setattr(step_impl, "_run_checks", lambda *a: pytest.fail("checked again"))
+    monkeypatch.setattr(step_impl._Probe, "compare", lambda *a: pytest.fail("checked again"))
     again, _ = _run(teacher, cache, tmp_path / "b")
-    assert again["kd_impl"]["used"] == "fused" and again["step_check"]["cached"]
+    assert again["kd_impl"]["used"] == "fused" and again["step_check"]["fused"]["cached"]
 
 
 def _off_by(offset: float, fn):
@@ -99,16 +106,26 @@ def test_auto_falls_back_to_the_reference_on_a_mismatch_or_an_exception(inject, 
     assert losses == reference  # the fallback is the reference run, bit for bit
 
 
-def test_auto_compile_is_checked_against_eager_and_falls_back(teacher, cache, tmp_path, monkeypatch, capsys,
-                                                               fresh_check):
-    monkeypatch.setattr(step_impl, "compile_by_default", lambda device: True)
-    monkeypatch.setattr(step_impl, "fused_device", lambda device: True)
-    # aot_eager: dynamo and autograd tracing as inductor, without its C++ build (slow on 2 cores).
+@pytest.fixture
+def probed(monkeypatch, fresh_check, cache):
+    """--compile auto probes even the tests' short runs; aot_eager (dynamo and autograd tracing as
+    inductor, without its C++ build, slow on 2 cores) compiles."""
+    for path in (cache / "hardware").glob("compile-probe-*.json"):
+        path.unlink()
+    monkeypatch.setattr(step_impl, "MIN_PROBED_S", 0.0)
     monkeypatch.setattr(run_setup, "compile_forward_loss", lambda: compile_forward_loss("aot_eager"))
+
+
+def test_auto_compile_is_checked_against_eager_and_falls_back(teacher, cache, tmp_path, monkeypatch, capsys, probed):
+    monkeypatch.setattr(step_impl, "MIN_SPEEDUP", 0.0)  # whatever it measures, it pays
+    monkeypatch.setattr(step_impl, "PAYBACK", -float("inf"))
+    monkeypatch.setattr(step_impl, "fused_device", lambda device: True)
     results, _ = _run(teacher, cache, tmp_path / "a")
     check = results["step_check"]
     assert results["compile"] == {"asked": "auto", "used": True} and results["kd_impl"]["used"] == "fused"
-    assert check["fused"]["ok"] and check["compiled"]["ok"], check
+    assert check["fused"]["ok"] and check["compiled"]["ok"] and check["compiled"]["pays"], check
+    assert check["compiled"]["compile_s"] >= 0 and check["compiled"]["speedup"] > 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("--compile auto: on (")]
 
     def broken_compile():
         def loss_fn(*args):
@@ -122,3 +139,24 @@ def test_auto_compile_is_checked_against_eager_and_falls_back(teacher, cache, tm
     assert printed[0].endswith("training with eager")
     assert results["compile"] == {"asked": "auto", "used": False} and len(losses) == 2
     assert results["kd_impl"] == {"asked": "reference", "used": "reference"}
+
+
+@pytest.mark.parametrize("speedup,compile_s,used", [(1.5, 1.0, True), (1.05, 0.0, False), (2.0, 1e9, False)])
+def test_auto_compiles_where_the_measured_saving_pays_back_the_compile(speedup, compile_s, used, teacher, cache,
+                                                                       tmp_path, monkeypatch, capsys, probed):
+    """The decision from the measurement: faster by MIN_SPEEDUP, and saving PAYBACK compiles over the
+    run's steps. The probe's numbers are cached; a second run decides from them without compiling."""
+    monkeypatch.setattr(step_impl._Probe, "time", lambda self, impl, fn, repeats=2: 10.0)  # 2 steps: 20 s eager
+    monkeypatch.setattr(step_impl._Probe, "time_compiled", lambda self, impl, fn, eager_s, atol, rtol: {
+        "ok": True, "detail": "matches the reference", "compiled_s": eager_s / speedup, "speedup": speedup,
+        "compile_s": compile_s})
+    results, _ = _run(teacher, cache, tmp_path / "a")
+    assert results["compile"] == {"asked": "auto", "used": used}
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--compile auto")]
+    saving = 20 * (1 - 1 / speedup)
+    assert printed == [f"--compile auto: {'on' if used else 'off'} (the compiled step ran {speedup:.2f}x eager on the "
+                       f"first batch and compiles in ~{compile_s:,.0f} s; over the run's 2 steps it would save "
+                       f"~{saving:,.0f} s)"]
+    monkeypatch.setattr(step_impl._Probe, "time_compiled", lambda *a: pytest.fail("probed again"))
+    again, _ = _run(teacher, cache, tmp_path / "b")
+    assert again["compile"]["used"] == used and again["step_check"]["compiled"]["cached"]

@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO, TSM, XLMR_TOKENIZER, requires_shared
 from test_distributed import _assert_same_weights, _finish, _torchrun
-from xlmr_mini import run_setup, teacher_cache
+from xlmr_mini import kd_loss, kd_step, run_setup, step_impl, teacher_cache
 from xlmr_mini.checkpoint import build_model, save_hf
 from xlmr_mini.config import XLMRConfig
 from xlmr_mini.copy_weights import scratch_state_dict
@@ -214,6 +214,37 @@ def test_auto_says_why_it_is_off_and_on_that_cannot_be_kept_is_bad_input(teacher
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "tc").exists()
+
+
+@pytest.mark.parametrize("fused_ok", [True, False])
+def test_the_fused_check_runs_the_live_teacher_then_training_reads_the_cache(fused_ok, teacher, cache, tmp_path,
+                                                                               monkeypatch, capsys):
+    """--kd-impl auto's check compares the fused loss with the reference on the live teacher; then
+    the run reads the cache, which holds the fused loss's taps (Q and K). If the check falls back to
+    the reference, the cache's taps no longer serve: the run says so and keeps the live teacher."""
+    for path in (cache / "hardware").glob("kd-step-check-*.json"):
+        path.unlink()
+    monkeypatch.setattr(step_impl, "fused_device", lambda device: True)  # the kernels through Triton's interpreter
+    if not fused_ok:
+        mse = kd_loss.attention_prob_mse
+        monkeypatch.setattr(kd_loss, "attention_prob_mse", lambda *a: mse(*a) + 0.01)
+    calls = []
+    live = kd_step.run_teacher
+    monkeypatch.setattr(kd_step, "run_teacher", lambda *a: calls.append(1) or live(*a))
+    short = ("--max-length", "24", "--teacher-cache-dir", str(tmp_path / "tc"))  # short: interpreted kernels
+    result = main(_args(teacher, cache, tmp_path / "run", *short, "--teacher-cache", "on", steps=3))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("teacher cache")]
+    assert result["kd_impl"]["used"] == ("fused" if fused_ok else "reference")
+    if fused_ok:
+        assert len(calls) == 2  # the check's two loss forms; every step read the cache
+        assert said == [line for line in said if line.startswith("teacher cache: computing")]
+    else:
+        assert len(calls) == 2 + 3  # and the live teacher for each step
+        assert said[-1] == "teacher cache: off (it holds the fused loss's taps, and the run fell back to the reference)"
+        monkeypatch.undo()
+        main(_args(teacher, cache, tmp_path / "ref", *short, "--teacher-cache", "off", "--kd-impl", "reference",
+                   steps=3))
+        assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
 
 
 def test_under_torchrun_rank_0_builds_and_each_rank_reads_its_rows(teacher, cache, tmp_path):

@@ -30,7 +30,8 @@ from xlmr_mini.model import XLMRClassifier
 from xlmr_mini.step_impl import StepPlan
 from xlmr_mini.tokenizer import Tokenizer
 from xlmr_mini.train_config import DEMO_EPOCHS, DEMO_LR, PAPER_EPOCHS, PAPER_LR, TrainConfig
-from xlmr_mini.vocab import WORD_KEY, VocabTrim, always_kept, kept_ids, trim_config, trim_state_dict
+from xlmr_mini.vocab import (WORD_KEY, VocabTrim, always_kept, kept_ids, offload_rows, trim_config,
+                            trim_state_dict)
 
 
 @dataclasses.dataclass
@@ -205,7 +206,8 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
     scfg = with_dropout(cfg, scfg)
     vocab = None
     if setup.vocab is not None:
-        vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=sd[WORD_KEY].float())
+        rows = offload_rows(sd[WORD_KEY], Path(cfg.cache_dir or default_cache_dir()) / "tmp")  # read only by saves
+        vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=rows)
         scfg, sd = trim_config(scfg, vocab), trim_state_dict(sd, vocab)
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
     loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=plan.kd_impl,
@@ -221,10 +223,10 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
     teacher, cache = None, None
     if loss_cfg.kd:
         load = functools.partial(load_teacher, setup, device, vocab, bf16)
-        checked = plan.check_fused or plan.check_compiled  # `check_step` compares losses on the live teacher
-        cache = teacher_cache.for_run(cfg, setup, tcfg, kd_taps(loss_cfg, lmap), bf16, device, total_steps, load,
-                                      checked)
-        teacher = None if cache is not None else load()
+        cache = teacher_cache.for_run(cfg, setup, tcfg, kd_taps(loss_cfg, lmap), bf16, device, total_steps, load)
+        # The fused loss's check compares it with the reference, which reads other taps than the
+        # cache holds: the live teacher serves the check (`settle_teacher` then drops one of them).
+        teacher = load() if cache is None or plan.check_fused else None
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg, layer_map=lmap,
                       optimizer=optimizer, params=params,
                       scheduler=linear_schedule(optimizer, total_steps, math.ceil(cfg.warmup_ratio * total_steps)),
@@ -233,6 +235,19 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         ctx.loss_fn = compile_forward_loss()
     ctx.parallel = distributed.wrap(Trained(student, proj))  # None on one process
     return ctx
+
+
+def settle_teacher(ctx: StepContext) -> None:
+    """After the first batch's check: the teacher cache when it holds the taps of the loss that
+    runs (the live teacher is then dropped), else the live teacher (the check fell back from the
+    fused loss, whose taps the cache holds)."""
+    if ctx.teacher_cache is None:
+        return
+    if ctx.teacher_cache.spec.taps == kd_taps(ctx.loss_cfg, ctx.layer_map):
+        ctx.teacher = None
+    else:
+        print("teacher cache: off (it holds the fused loss's taps, and the run fell back to the reference)")
+        ctx.teacher_cache = None
 
 
 def with_dropout(cfg: TrainConfig, student_cfg: XLMRConfig) -> XLMRConfig:

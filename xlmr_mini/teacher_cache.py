@@ -8,7 +8,7 @@ a field is bytes [offset_i, offset_i+1) of `FIELD.bin`, shaped by its length n_i
 
     logits [C]   embeddings [n, D]   hidden [L, n, D]   scores/probs [L, H, n, n]   q/k [L, H, n, d]
 
-Every later epoch, every later seed and every later run with the same key memory-maps them
+Every later epoch, every later seed and every later run with the same key reads them
 (`TeacherCache.read`) and assembles the padded batch tensors the live teacher would have produced
 (zeros at padded positions, which the masked loss never reads; TinyBERT's normalisation reads
 them, so it runs with the live teacher). A run with a complete cache never loads the teacher.
@@ -162,19 +162,28 @@ def problem(path: Path, spec: CacheSpec, lengths: np.ndarray, dtypes: dict[str, 
 
 
 class TeacherCache:
-    """A complete cache, memory-mapped: `read(index, length)` gives a batch's teacher `Output`."""
+    """A complete cache: `read(index, length)` gives a batch's teacher `Output`."""
 
     def __init__(self, path: Path, spec: CacheSpec, lengths: np.ndarray, dtypes: dict[str, torch.dtype]):
         self.path, self.spec, self.lengths, self.dtypes = path, spec, lengths, dtypes
         self.bytes = cache_bytes(spec, lengths, dtypes)
         self.offsets = {f: spec.offsets(f, lengths) for f in spec.fields()}
-        self.files = {f: np.memmap(path / f"{f}.bin", dtype=_STORED[dtypes[f]][1], mode="r")
-                      for f in spec.fields() if self.offsets[f][-1] > 0}
+        # Read with pread, not memory-mapped: mapped pages would count in the process's resident
+        # memory, growing by the whole cache (gigabytes) over an epoch; read pages stay in the
+        # kernel's page cache, shared and reclaimable.
+        self.files = {f: os.open(path / f"{f}.bin", os.O_RDONLY) for f in spec.fields() if self.offsets[f][-1] > 0}
+
+    def __del__(self):
+        for fd in getattr(self, "files", {}).values():
+            os.close(fd)
 
     def _row(self, field: str, i: int) -> torch.Tensor:
         start, end = self.offsets[field][i], self.offsets[field][i + 1]
-        row = torch.from_numpy(np.array(self.files[field][start:end]))
-        return row.view(self.dtypes[field]).view(self.spec.row_shape(field, int(self.lengths[i])))
+        row = np.empty(end - start, dtype=_STORED[self.dtypes[field]][1])
+        if os.preadv(self.files[field], [row], int(start) * row.itemsize) != row.nbytes:
+            raise InputError(f"teacher cache {self.path / (field + '.bin')}: shorter than its meta.json says; remove "
+                             f"it to rebuild")
+        return torch.from_numpy(row).view(self.dtypes[field]).view(self.spec.row_shape(field, int(self.lengths[i])))
 
     def read(self, index: torch.Tensor, length: int, device) -> Output:
         """The teacher's outputs for examples `index` padded to `length` tokens, as the live teacher's
@@ -225,21 +234,25 @@ def build(path: Path, spec: CacheSpec, enc: EncodedSplit, dtypes: dict[str, torc
 
 def _write(tmp: Path, spec: CacheSpec, enc: EncodedSplit, dtypes, teacher, pad_id: int, device) -> None:
     offsets = {f: spec.offsets(f, enc.lengths) for f in spec.fields()}
-    files = {f: np.memmap(tmp / f"{f}.bin", dtype=_STORED[dtypes[f]][1], mode="w+", shape=(int(offsets[f][-1]),))
-             for f in spec.fields() if offsets[f][-1] > 0}
+    # pwrite, not a writable memory map, whose dirty pages would all count in this process's memory.
+    files = {f: os.open(tmp / f"{f}.bin", os.O_WRONLY | os.O_CREAT, 0o644) for f in spec.fields()}
     bf16 = spec.precision == "bf16"
-    for batch in epoch_batches(enc, BUILD_BATCH, seed=0, epoch=0, shuffle=False, pad_id=pad_id, sort_by_length=True):
-        mask = batch["attention_mask"].to(device)
-        out = run_teacher(teacher, spec.taps, batch["input_ids"].to(device), mask, bf16)
-        for j, i in enumerate(batch["index"].tolist()):
-            n = int(enc.lengths[i])
-            for field, file in files.items():
-                row = _example_row(out, field, j, n).cpu()
-                file[offsets[field][i]:offsets[field][i + 1]] = row.reshape(-1).view(_bits(row.dtype)).numpy()
-    for file in files.values():
-        file.flush()
-    for field in spec.fields():  # a field of no elements (no examples) still gets its (empty) file
-        (tmp / f"{field}.bin").touch()
+    try:
+        for batch in epoch_batches(enc, BUILD_BATCH, seed=0, epoch=0, shuffle=False, pad_id=pad_id,
+                                   sort_by_length=True):
+            mask = batch["attention_mask"].to(device)
+            out = run_teacher(teacher, spec.taps, batch["input_ids"].to(device), mask, bf16)
+            for j, i in enumerate(batch["index"].tolist()):
+                n = int(enc.lengths[i])
+                for field, fd in files.items():
+                    row = _example_row(out, field, j, n).cpu().contiguous()
+                    bits = row.reshape(-1).view(_bits(row.dtype)).numpy()
+                    os.pwrite(fd, bits.tobytes(), int(offsets[field][i]) * bits.itemsize)
+        for fd in files.values():
+            os.fsync(fd)
+    finally:
+        for fd in files.values():
+            os.close(fd)
 
 
 def _bits(dtype: torch.dtype) -> torch.dtype:
@@ -283,15 +296,11 @@ def _alive(pid: int) -> bool:
 # A run's cache: --teacher-cache auto|on|off
 # ---------------------------------------------------------------------------------------------
 def for_run(cfg, setup, teacher_cfg: XLMRConfig, taps: Taps, bf16: bool, device, total_steps: int,
-            load_teacher, checked: bool = False) -> TeacherCache | None:
+            load_teacher) -> TeacherCache | None:
     """The teacher cache of a KD run (`cfg` a TrainConfig, `setup` its run_setup.Setup): a complete
     one as it is; else built now with `load_teacher()` (the frozen teacher) when --teacher-cache
     says so; None when the run computes the teacher's outputs live (auto says why in one line)."""
     if cfg.teacher_cache == "off":
-        return None
-    if checked:  # the first batch's check of --kd-impl/--compile auto runs the teacher under both loss forms
-        print("teacher cache: off (--kd-impl/--compile auto check their choice against the live teacher; give both "
-              "explicitly to use the cache)")
         return None
     if cfg.loss_norm == "tinybert":
         return _refuse(cfg.teacher_cache, "--loss-norm tinybert reads the teacher at padded positions, which the "

@@ -44,7 +44,8 @@ from xlmr_mini.files import check_apart
 from xlmr_mini.run_dir import (MetricsLog, claim_out, default_out, load_checkpoint, metrics_writer, publish_best,
                                remove_checkpoint, rng_state, save_best, save_checkpoint, seed_dirs)
 from xlmr_mini.run_identity import input_paths, run_identity
-from xlmr_mini.run_setup import Setup, build_context, check_inputs, demo_banner, prepare, resolve_run_precision
+from xlmr_mini.run_setup import (Setup, build_context, check_inputs, demo_banner, prepare, resolve_run_precision,
+                                 settle_teacher)
 from xlmr_mini.step_impl import check_step, plan_step
 from xlmr_mini.train_config import DEMO_THREADS, TrainConfig, parse_config
 
@@ -101,7 +102,9 @@ def run_seed(cfg: TrainConfig, setup: Setup, seed: int, out: Path, device, label
     if prog.step < limit:  # the self-check of what --kd-impl / --compile auto chose, on the batch training starts with
         epoch, k = divmod(prog.step, steps_per_epoch)
         first = _epoch(cfg, train_enc, seed, epoch, pad_id)[k]
-        plan = check_step(ctx, plan, distributed.shard_batch(first)[0], device, cfg.cache_dir or default_cache_dir())
+        plan = check_step(ctx, plan, distributed.shard_batch(first)[0], device, cfg.cache_dir or default_cache_dir(),
+                          limit - prog.step)
+    settle_teacher(ctx)
     log = distributed.on_main(metrics_writer, out / "metrics.jsonl", keep_through=prog.step,
                               tensorboard=cfg.report_to == "tensorboard") or MetricsLog(None)
     world = distributed.world_size()

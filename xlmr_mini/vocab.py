@@ -19,7 +19,10 @@ as before.
 """
 import copy
 import dataclasses
+import mmap
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,8 +40,9 @@ class VocabTrim:
 
     kept: np.ndarray  # int64 [K], sorted, unique
     full_size: int
-    # The full table's word-embedding rows before training, for writing a full-vocabulary model.
-    initial_rows: torch.Tensor | None = None
+    # The full table's word-embedding rows before training, for writing a full-vocabulary model
+    # (a tensor, or `DiskRows` holding them out of memory until a save reads them).
+    initial_rows: "torch.Tensor | DiskRows | None" = None
 
     @property
     def size(self) -> int:
@@ -113,11 +117,47 @@ def expand_state_dict(state: dict[str, torch.Tensor], trim: VocabTrim,
     times `untouched_scale` (the product of (1 - lr_t * wd) over the steps taken; 1 without
     weight decay, which leaves those rows bit-equal to where they started)."""
     trimmed = state[WORD_KEY]
-    full = trim.initial_rows.to(device=trimmed.device, dtype=trimmed.dtype, copy=True)
+    rows = trim.initial_rows
+    full = (rows.tensor() if isinstance(rows, DiskRows) else rows).to(device=trimmed.device, dtype=trimmed.dtype,
+                                                                      copy=True)
+    if isinstance(rows, DiskRows):
+        rows.release()
     if untouched_scale != 1.0:
         full.mul_(untouched_scale)
     full[torch.from_numpy(trim.kept).to(trimmed.device)] = trimmed
     return {**state, WORD_KEY: full}
+
+
+class DiskRows:
+    """A float32 table kept in an unlinked temporary file and memory-mapped: it takes no memory
+    until read, and a read's pages are handed back afterwards (`release`). The full vocabulary's
+    initial word-embedding rows (250,002 x 768: 768 MB) are read only when a model is saved, yet
+    held in memory they were a quarter of a trimmed KD step's peak."""
+
+    def __init__(self, rows: torch.Tensor, directory: str | Path):
+        rows = rows.detach().to("cpu", torch.float32).contiguous()
+        self.shape = tuple(rows.shape)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory) as f:  # no name: the disk is freed with the process
+            f.write(memoryview(rows.numpy()).cast("B"))
+            f.flush()
+            self._map = mmap.mmap(f.fileno(), rows.numel() * 4, access=mmap.ACCESS_COPY)
+
+    def tensor(self) -> torch.Tensor:
+        """The rows, read from the file as they are touched (a private mapping: writes stay local)."""
+        return torch.frombuffer(self._map, dtype=torch.float32).view(self.shape)
+
+    def release(self) -> None:
+        """Drop the pages a read brought into memory (unchanged: they are the file's)."""
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+
+def offload_rows(rows: torch.Tensor, directory: str | Path) -> "DiskRows | torch.Tensor":
+    """`rows` as `DiskRows` in `directory`; the tensor itself where the disk will not take them."""
+    try:
+        return DiskRows(rows, directory)
+    except OSError:
+        return rows.detach().float()
 
 
 def weight_decay_scale(lrs: Iterable[float], weight_decay: float) -> float:
