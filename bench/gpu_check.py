@@ -15,7 +15,9 @@ Sections (each runs apart: one that fails is recorded with its error and the oth
 4. KD step: `bench.kd_step` (each implementation in its own process) for students 6L/768 and
    6L/384, batch 8 and 32, T 64 and 128: its transformers baseline under bf16 autocast (full
    vocabulary) against the project default (`--kd-impl auto`, `--compile auto`, `--precision
-   auto`, the task's vocabulary rows); samples/s, peak memory, MFU
+   auto`, the task's vocabulary rows); at the paper's shape (6L/768, batch 32, T 64) also the
+   baseline on the trimmed vocabulary and the default reading a teacher cache; samples/s, peak
+   memory, MFU
    (model FLOPs: 2 N per token for the teacher's forward, 6 N for the student's forward and
    backward, N the encoder layers' weights; attention matmuls left out) against the GPU's bf16
    dense peak.
@@ -234,9 +236,13 @@ def kd_step(args, device) -> tuple[bool, list[dict]]:
     for student_hidden, batch, seq in configs:
         ns = argparse.Namespace(batch=batch, vocab=1000 if quick else 250002, repeats=1 if quick else 5,
                                 att_target="probs", kept=300 if quick else bench_step.TSM_KEPT, sample_batches=4,
-                                quick=quick, data=None, tokenizer=None, student_hidden=student_hidden, seq=seq)
+                                quick=quick, data=None, tokenizer=None, student_hidden=student_hidden, seq=seq,
+                                run_steps=6900)
         t, s = bench_step.shapes(ns, student_hidden)
-        for impl in ("transformers-bf16", "xlmr_mini"):
+        impls = ["transformers-bf16", "xlmr_mini"]
+        if quick or (student_hidden, batch, seq) == (768, 32, 64):  # the paper's shape: the tuned baseline, the cache
+            impls += ["transformers-bf16-trimmed", "xlmr_mini-cached"]
+        for impl in impls:
             r = bench_step.spawn(ns, impl, student_hidden, seq)
             peak = bf16_peak(r["device"])
             flops = model_flops(student_hidden, batch, seq, t, s) * r["samples_per_s"] / batch

@@ -1,5 +1,6 @@
 """The native encoder against transformers: logits, hidden states, attentions, gradients, bf16."""
 import math
+import unittest.mock
 
 import pytest
 import torch
@@ -110,6 +111,40 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     assert not torch.allclose(a, b)
     ours.eval()
     torch.testing.assert_close(ours(ids, mask).logits, ours(ids, mask).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_keeps_1_minus_p_independently_and_scales(p):
+    """The hashed CPU dropout: keep rate within 4 sigma of 1 - p, kept values scaled by 1/(1-p),
+    masks uncorrelated between neighbours, rows and calls, the same under the same seed."""
+    from xlmr_mini.model import dropout
+    x = torch.full((256, 4096), 2.0)
+    torch.manual_seed(1)
+    a, b = dropout(x, p, True), dropout(x, p, True)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, p, True), a)
+    assert a.unique().tolist() == pytest.approx([0.0, 2.0 / (1 - p)])
+    n = x.numel()
+    assert abs((a != 0).float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    keep_a, keep_b = (a != 0).float().flatten(), (b != 0).float().flatten()
+    for u, v in ((keep_a[:-1], keep_a[1:]), (keep_a[:-4096], keep_a[4096:]), (keep_a, keep_b)):
+        assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 5 / n ** 0.5
+    assert torch.equal(dropout(x, p, False), x) and torch.equal(dropout(x, 0.0, True), x)
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+
+
+def test_cpu_dropout_compiled_draws_the_eager_mask():
+    """Under torch.compile (inductor's vectorized C++ and its scalar tail, 4099 elements) the
+    integer hash wraps as eager's does: with the same seed (eager's generator), the same mask."""
+    import torch._inductor.config as inductor_config
+    from xlmr_mini.model import dropout
+    x = torch.randn(3, 4099)
+    with unittest.mock.patch.object(inductor_config, "fallback_random", True):
+        compiled = torch.compile(lambda t: dropout(t, 0.1, True), fullgraph=True)
+        torch.manual_seed(3)
+        eager = dropout(x, 0.1, True)
+        torch.manual_seed(3)
+        assert torch.equal(compiled(x), eager)
 
 
 # bf16: both implementations are compared with the fp32 result; ours must be within 2x of

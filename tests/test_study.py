@@ -180,6 +180,24 @@ def test_dry_run_and_emitted_commands(demo_study, cache, tmp_path, capsys):
         assert cfg.teacher == f"{selected_dir}/best" and cfg.resume and cfg.max_steps == 3
 
 
+def test_teacher_cache_off_runs_every_kd_student_with_its_live_teacher(cache, tmp_path):
+    """`study --teacher-cache off`: no cache stages; each KD student gets --teacher-cache off; the
+    runs keep the keys they have with the cache (reading it is the same run)."""
+    def emitted(*flags):
+        cmds = tmp_path / f"cmds{len(flags)}.txt"
+        main(["table3", "--data", "demo", "--seed", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
+              "--emit-commands", str(cmds), *flags] + QUICK)
+        return [line for line in cmds.read_text().splitlines() if not line.startswith("#")]
+
+    with_cache, live = emitted(), emitted("--teacher-cache", "off")
+    assert not [line for line in live if " -m xlmr_mini.cache_teacher " in line]
+    students = [line for line in live if " -m xlmr_mini.train " in line and "--teacher " in line]
+    kd = [line for line in students if "--no-kd" not in line]
+    assert len(kd) == 6 and all("--teacher-cache off" in line for line in kd)
+    outs = lambda lines: sorted(line.split("--out ")[1].split()[0] for line in lines if " -m xlmr_mini.train " in line)  # noqa: E731
+    assert outs(live) == outs(with_cache)
+
+
 def test_bad_input_is_one_line_exit_2(cache, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["table2", "--data", "tsm:/nowhere", "--out", str(tmp_path)])

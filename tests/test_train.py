@@ -389,9 +389,10 @@ def test_dropout_overrides_reach_the_saved_model(demo_teacher, cache, tmp_path):
 
 def test_from_scratch_kd_learns_with_the_default_attention_target(demo_teacher, cache, tmp_path):
     """With probabilities as the attention target (the default) the KD terms do not swamp L_clf:
-    a from-scratch student beats the majority class clearly."""
+    a from-scratch student beats the majority class clearly. (5 epochs: after 3 the dev score was
+    0.21-0.29 over seeds, with torch's dropout masks and the hashed ones alike; after 5, 0.25-0.70.)"""
     assert TrainConfig().att_target == "probs"
-    result = train(TrainConfig(init="from-scratch", data="demo", teacher=str(demo_teacher), layers=1, epochs=3,
+    result = train(TrainConfig(init="from-scratch", data="demo", teacher=str(demo_teacher), layers=1, epochs=5,
                                out=str(tmp_path / "o"), cache_dir=str(cache), num_threads=1), quiet=True)
     task = build_demo(cache)
     dev = task.splits["dev"].labels

@@ -12,6 +12,7 @@ import dataclasses
 import math
 
 import torch
+import torch._functorch.config  # noqa: F401 (the compiled step's activation memory budget)
 
 from xlmr_mini import distributed
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, LossCounts, kd_loss, kd_taps
@@ -65,21 +66,30 @@ def forward_loss(student, proj, input_ids, mask, labels, teacher_out, loss_cfg: 
         return kd_loss(out, teacher_out, labels, mask, loss_cfg, proj, lmap, counts)
 
 
+# The compiled step's activation memory budget (torch's partitioner: the share of the default
+# min-cut's saved activations it may keep). At 0.5 it recomputes cheap elementwise work (dropout
+# masks, casts, GELU) in the backward instead of saving it: on CPU the 6L/768 KD step measured
+# faster and smaller (bench/RESULTS.md); lower budgets recompute matmuls and compile for minutes.
+ACTIVATION_MEMORY_BUDGET = 0.5
+
+
 def compile_forward_loss(backend: str = "inductor"):
-    """`forward_loss` compiled whole (fullgraph=True). The teacher's outputs are inference tensors;
-    a compiled graph may save its inputs for backward, which autograd forbids for those, so they
-    are first copied into normal tensors (only the tapped layers: a small, short-lived copy)."""
+    """`forward_loss` compiled whole (fullgraph=True). The live teacher's outputs are inference
+    tensors; a compiled graph may save its inputs for backward, which autograd forbids for those,
+    so they are first copied into normal tensors (only the tapped layers: a small, short-lived
+    copy). The teacher cache's are normal tensors already."""
     compiled = torch.compile(forward_loss, fullgraph=True, backend=backend)
 
     def loss_fn(student, proj, input_ids, mask, labels, teacher_out, *args):
-        return compiled(student, proj, input_ids, mask, labels, _normal_tensors(teacher_out), *args)
+        with torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET):
+            return compiled(student, proj, input_ids, mask, labels, _normal_tensors(teacher_out), *args)
 
     return loss_fn
 
 
 def _normal_tensors(out):
-    if out is None:
-        return None
+    if out is None or not out.logits.is_inference():
+        return out
     copy = lambda xs: [x.clone() for x in xs]  # noqa: E731 (clone outside inference mode = normal tensor)
     return dataclasses.replace(out, logits=out.logits.clone(), hidden=copy(out.hidden), scores=copy(out.scores),
                                probs=copy(out.probs), q=copy(out.q), k=copy(out.k),

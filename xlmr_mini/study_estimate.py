@@ -77,7 +77,8 @@ def _teacher_seconds(ctx: StepContext, batch: dict, device) -> float:
 def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig, task: TaskData):
     """run -> measured seconds per unit of work of a model of that run's shape: per optimizer step
     (KD students without their teacher's forward pass, which the study's teacher cache stage
-    computes once), and per example for a teacher cache (`cache_teacher` runs)."""
+    computes once; with it, under `--teacher-cache off`), and per example for a teacher cache
+    (`cache_teacher` runs)."""
     argv = flags_to_argv({**common_flags(s, "3.2"), "init": "from-scratch", "no-kd": True})
     probe = train_config(Run(name="probe", tool="train", argv=argv), Path("x"))
     device = resolve_device(probe.device)
@@ -110,7 +111,7 @@ def measure_step_seconds(s: StudySettings, base_cfg: XLMRConfig, task: TaskData)
             return rates[("teacher", False)]
         width = "half" if "--hidden" in run.argv else "full"
         kd = "--no-kd" not in run.argv
-        return max(rates[(width, kd)] - forward, 0.0) if kd else rates[(width, kd)]
+        return max(rates[(width, kd)] - forward, 0.0) if kd and s.teacher_cache else rates[(width, kd)]
 
     return seconds_per_step
 

@@ -109,6 +109,11 @@ class StudySettings:
     def is_demo(self) -> bool:
         return self.kind == "demo"
 
+    @property
+    def teacher_cache(self) -> bool:
+        """Whether KD students read a teacher cache stage (off: `--teacher-cache off`, the teacher live)."""
+        return dict(self.overrides).get("teacher-cache") != "off"
+
 
 BOOLEAN_OPTIONS = ("group-by-length", "eval-last-step")  # --x / --no-x flags of train
 
@@ -204,7 +209,7 @@ class Planner:
         name = (f"student-{init}-{'kd' if kd else 'nokd'}-{width}-{langs}"
                 + (f"-{subset:g}" if subset < 1.0 else "") + f"-seed{seed}")
         run = self.add(plan, name, "train", flags, after=[teacher])
-        if kd:  # not part of the student's identity: reading the cache is the same run
+        if kd and self.s.teacher_cache:  # not part of the student's identity: reading the cache is the same run
             cache = self.teacher_cache(plan, teacher, flags, langs, subset)
             run.after += [cache.key] if cache.key not in run.after else []
         return run
