@@ -80,20 +80,25 @@ def real_data(args):
     """(kept ids, sampled batches) of a real epoch: tsm's seen-language train split, XLM-R's
     tokenizer, length-bucketed dynamic padding as `train` batches it; `--sample-batches` batches
     at evenly spaced positions of the epoch."""
-    from pathlib import Path
-
     from xlmr_mini.data import encode_split, epoch_batches, load_task, select_languages
     from xlmr_mini.run_setup import task_vocab
     from xlmr_mini.tokenizer import Tokenizer
 
+    key = (args.data, args.tokenizer, args.batch, args.sample_batches)
+    if key in _REAL:
+        return _REAL[key]
     task = load_task(f"tsm:{args.data}")
     tok = Tokenizer(args.tokenizer)
     splits = {name: encode_split(split, tok, 128) for name, split in task.splits.items()}
     train = encode_split(select_languages(task.splits["train"], "seen", task), tok, 128)
     batches = epoch_batches(train, args.batch, seed=0, epoch=0, pad_id=tok.pad_id)
     picks = np.linspace(0, len(batches) - 1, args.sample_batches).round().astype(int)
-    kept = task_vocab(splits, Path(args.tokenizer)).kept
-    return kept, [batches[i] for i in picks], len(train)
+    kept = task_vocab(splits, tok).kept
+    _REAL[key] = kept, [batches[i] for i in picks], len(train)
+    return _REAL[key]
+
+
+_REAL = {}  # real_data's result per (data, tokenizer, batch, sample batches): tokenizing tsm takes seconds
 
 
 def workload(args, device):
