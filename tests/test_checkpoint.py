@@ -1,6 +1,7 @@
 """HF checkpoint directories in and out: round trips, layouts, and every bad input."""
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,19 @@ def test_our_save_then_transformers_load(hf_dir, batch, tmp_path):
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["model_type"] == "xlm-roberta" and config["architectures"] == ["XLMRobertaForSequenceClassification"]
     assert config["id2label"] == {str(i): f"LABEL_{i}" for i in range(5)}
+
+
+def test_saved_files_follow_the_umask_not_the_temporary_files_0600(hf_dir, tmp_path):
+    """Writes go through a private temporary file; the model directory's files must still be
+    readable by others (the user's umask), as any other file the user writes."""
+    _, path = hf_dir
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "ours", load_model(path))
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ours").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
 
 
 def test_sharded_checkpoint(tmp_path, batch):

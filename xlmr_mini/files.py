@@ -17,6 +17,13 @@ from xlmr_mini.errors import InputError
 # safetensors report a full disk in their own words, without an errno).
 NEARLY_FULL = 1 << 20
 
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, content: bytes | str | Callable[[str], None]) -> None:
     """Write `content` (bytes, text as UTF-8, or a function that writes a given temporary path)
     to a temporary file beside `path`, then rename it into place."""
@@ -30,6 +37,7 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[str], None])
                     f.write(content.encode("utf-8") if isinstance(content, str) else content)
             if callable(content):
                 content(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # a temporary file is private (0600); the written file is not
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
