@@ -247,6 +247,27 @@ def test_the_fused_check_runs_the_live_teacher_then_training_reads_the_cache(fus
         assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
 
 
+def test_the_cache_stage_builds_where_it_fits_and_otherwise_leaves_the_students_live(teacher, cache, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """`cache_teacher` (the study's stage) under auto: built for the students to share; where it
+    does not fit half the free disk, one line, a cache.json saying so, exit 0 (each student then
+    says why it runs live); `on` that cannot fit is bad input."""
+    from xlmr_mini import cache_teacher
+    flags = _args(teacher, cache, tmp_path / "stage", "--teacher-cache-dir", str(tmp_path / "tc"))
+    built = cache_teacher.main(flags)
+    assert built["cache"] is not None and (tmp_path / "stage" / "cache.json").is_file()
+    monkeypatch.setattr(teacher_cache, "free_bytes", lambda path: 1000)
+    skipped = cache_teacher.main(_args(teacher, cache, tmp_path / "small", "--teacher-cache-dir", str(tmp_path / "tc2")))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("teacher cache")]
+    assert skipped["cache"] is None and json.loads((tmp_path / "small" / "cache.json").read_text())["cache"] is None
+    assert said[-1].startswith("teacher cache: off (it needs ") and "of the 0.0 MB free in" in said[-1]
+    assert not (tmp_path / "tc2").exists()
+    with pytest.raises(SystemExit) as e:
+        cache_teacher.main(_args(teacher, cache, tmp_path / "on", "--teacher-cache-dir", str(tmp_path / "tc2"),
+                                 "--teacher-cache", "on"))
+    assert e.value.code == 2 and "--teacher-cache on: the teacher cache needs" in capsys.readouterr().err
+
+
 def test_under_torchrun_rank_0_builds_and_each_rank_reads_its_rows(teacher, cache, tmp_path):
     # No dropout: each process would draw masks for its own rows (see test_distributed).
     common = ("--hidden", "32", "--teacher-cache-dir", str(tmp_path / "tc"), "--dropout", "0", "--attention-dropout", "0",

@@ -296,10 +296,11 @@ def _alive(pid: int) -> bool:
 # A run's cache: --teacher-cache auto|on|off
 # ---------------------------------------------------------------------------------------------
 def for_run(cfg, setup, teacher_cfg: XLMRConfig, taps: Taps, bf16: bool, device, total_steps: int,
-            load_teacher) -> TeacherCache | None:
+            load_teacher, shared: bool = False) -> TeacherCache | None:
     """The teacher cache of a KD run (`cfg` a TrainConfig, `setup` its run_setup.Setup): a complete
     one as it is; else built now with `load_teacher()` (the frozen teacher) when --teacher-cache
-    says so; None when the run computes the teacher's outputs live (auto says why in one line)."""
+    says so; None when the run computes the teacher's outputs live (auto says why in one line).
+    `shared`: other runs will read it (the study's cache stage), so auto builds it if it fits."""
     if cfg.teacher_cache == "off":
         return None
     if cfg.loss_norm == "tinybert":
@@ -312,7 +313,7 @@ def for_run(cfg, setup, teacher_cfg: XLMRConfig, taps: Taps, bf16: bool, device,
                      hidden=teacher_cfg.hidden_size, heads=teacher_cfg.num_attention_heads,
                      labels=teacher_cfg.num_labels)
     directory = cache_directory(cfg)
-    reused = total_steps > math.ceil(len(enc) / cfg.batch_size) or len(cfg.seeds) > 1
+    reused = shared or total_steps > math.ceil(len(enc) / cfg.batch_size) or len(cfg.seeds) > 1
     return open_cache(directory / spec.key, spec, enc, device, cfg.teacher_cache, reused, load_teacher,
                       teacher_cfg.pad_token_id)
 
