@@ -27,6 +27,12 @@ Implementations (`--impls`):
   rows (what a user who knows vocabtrimmer does): the well-tuned baseline at equal settings.
 - xlmr_mini-cached: the default reading the teacher's outputs from a `teacher_cache` built over
   the timed batches first (an epoch after the first; the build is not timed): no teacher forward.
+- xlmr_mini-cached-compiled: the same with `--compile on` (training's compile: one static graph,
+  then one with a dynamic sequence length for every other length).
+- xlmr_mini-cached-padded: the other way to bound the graphs on length-bucketed batches: each
+  batch padded to the next of `--pad-sizes` (padded positions are masked out of every loss term)
+  and compiled with `dynamic=False`, a static graph per size (and per batch size). With --data,
+  the notes give the epoch's padded tokens in both layouts and the graphs each compiled.
 
 Each implementation runs in its own process so that peak memory is its own: the peak during the
 timed steps of everything the process holds (weights, optimizer state, activations) above the
@@ -52,7 +58,8 @@ import torch.nn.functional as F
 from bench.harness import append_results, measure, rss_mb
 
 IMPLS = ("transformers", "transformers-bf16", "transformers-bf16-trimmed", "xlmr_mini", "xlmr_mini-fp32",
-         "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled", "xlmr_mini-cached")
+         "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled", "xlmr_mini-cached",
+         "xlmr_mini-cached-compiled", "xlmr_mini-cached-padded")
 DEFAULT_IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16")
 TSM_KEPT = 34_855  # distinct XLM-R pieces over every tweet_sentiment_multilingual split, plus specials
 
@@ -94,8 +101,33 @@ def real_data(args):
     batches = epoch_batches(train, args.batch, seed=0, epoch=0, pad_id=tok.pad_id)
     picks = np.linspace(0, len(batches) - 1, args.sample_batches).round().astype(int)
     kept = task_vocab(splits, tok).kept
-    _REAL[key] = kept, [batches[i] for i in picks], len(train)
+    _REAL[key] = kept, [batches[i] for i in picks], len(train), batches
     return _REAL[key]
+
+
+def pad_length(length: int, sizes) -> int:
+    """The smallest of `sizes` that holds `length` (the largest when none does)."""
+    return next((n for n in sorted(sizes) if n >= length), max(sizes))
+
+
+def padded(ids, mask, sizes, pad_id: int = 1):
+    extra = pad_length(ids.shape[1], sizes) - ids.shape[1]
+    return F.pad(ids, (0, extra), value=pad_id), F.pad(mask, (0, extra))
+
+
+def padding_notes(args) -> list[str]:
+    """The epoch's tokens as `train` pads them and padded to --pad-sizes, and the graphs each compiles."""
+    batches = real_data(args)[3]
+    shapes = [tuple(b["input_ids"].shape) for b in batches]
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    bucketed = sum(r * n for r, n in shapes)
+    to_sizes = sum(r * pad_length(n, args.pad_sizes) for r, n in shapes)
+    static = {(r, pad_length(n, args.pad_sizes)) for r, n in shapes}
+    return [f"an epoch's tokens: {real:,} real, {bucketed:,} as `train` pads each batch to its longest row "
+            f"({bucketed / real:.2f}x), {to_sizes:,} padded to {list(args.pad_sizes)} ({to_sizes / real:.2f}x)",
+            f"graphs an epoch compiles: training's dynamic compile 2 (the first length, then a dynamic length; 3 if "
+            f"the batch size also varies: {len({r for r, _ in shapes})} batch sizes), padded to sizes {len(static)} "
+            f"(one per (rows, length) shape)"]
 
 
 _REAL = {}  # real_data's result per (data, tokenizer, batch, sample batches): tokenizing tsm takes seconds
@@ -208,7 +240,7 @@ def cache_teacher_outputs(ctx, data, t, precision, device) -> None:
         start += len(b["labels"])
 
 
-def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False):
+def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False, pad=False):
     from pathlib import Path
 
     from xlmr_mini.checkpoint import build_model, hf_state_dict
@@ -242,7 +274,7 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
         rows = offload_rows(initial_rows, Path(default_cache_dir()) / "tmp")  # as run_setup.build_context does
         vocab = VocabTrim(kept=vocab.kept, full_size=args.vocab, initial_rows=rows)
     proj = HiddenProjection(s["hidden"], t["hidden"], "linear").to(device)
-    plan = plan_step(loss_impl, "on" if compiled else "auto", device, True, "masked")  # as `train` resolves them
+    plan = plan_step(loss_impl, "on" if compiled or pad else "auto", device, True, "masked")  # as `train` resolves them
     loss_cfg = KDLossConfig(att_target=args.att_target, impl=plan.kd_impl)
     params = list(student.parameters()) + list(proj.parameters())
     opt = make_optimizer(params, 5e-5, 0.0)
@@ -253,10 +285,15 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
     ctx = StepContext(student=student, teacher=teacher, proj=proj, loss_cfg=loss_cfg,
                       layer_map=[(i + 1) * divisor - 1 for i in range(s["layers"])], optimizer=opt,
                       scheduler=linear_schedule(opt, 10**6), params=params, bf16=resolved == "bf16",
-                      loss_fn=compile_forward_loss() if plan.compiled else None, vocab=vocab)
+                      loss_fn=compile_forward_loss(dynamic=False if pad else None) if plan.compiled else None,
+                      vocab=vocab)
+    if pad:  # a static graph per (rows, length) shape, besides the other rows' graphs of the same function
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     table = torch.from_numpy(vocab.old_to_new) if vocab is not None else None
-    data = [{"input_ids": ids if table is None else table[ids.cpu()].to(device), "attention_mask": mask, "labels": labels}
+    work = [(*padded(ids, mask, args.pad_sizes), labels) if pad else (ids, mask, labels)
             for ids, mask, labels in workload(args, device)]
+    data = [{"input_ids": ids if table is None else table[ids.cpu()].to(device), "attention_mask": mask, "labels": labels}
+            for ids, mask, labels in work]
     if cached:
         cache_teacher_outputs(ctx, data, t, resolved, device)
     plan = check_step(ctx, plan, data[0], device, default_cache_dir(), args.run_steps)
@@ -275,8 +312,9 @@ def build(args, impl, t, s, device, shared=None):
         return transformers_step(args, t, s, device, precision == "bf16"), precision, args.vocab, {}
     wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
     trimmed = impl != "xlmr_mini-full-vocab"
-    step, precision, plan = xlmr_mini_step(args, t, s, device, wanted, trimmed, impl.endswith("compiled"),
-                                           kd_impl(impl), cached=impl.endswith("cached"))
+    words = impl.split("-")
+    step, precision, plan = xlmr_mini_step(args, t, s, device, wanted, trimmed, "compiled" in words, kd_impl(impl),
+                                           cached="cached" in words, pad="padded" in words)
     return step, precision, len(kept_vocab(args)) if trimmed else args.vocab, plan.record()
 
 
@@ -337,7 +375,7 @@ def spawn(args, impl, student_hidden, seq):
     cmd = [sys.executable, "-m", "bench.kd_step", "--one", impl, "--student-hidden", str(student_hidden),
            "--seq", str(seq), "--batch", str(args.batch), "--vocab", str(args.vocab), "--repeats", str(args.repeats),
            "--att-target", args.att_target, "--kept", str(args.kept), "--sample-batches", str(args.sample_batches),
-           "--run-steps", str(args.run_steps)]
+           "--run-steps", str(args.run_steps), "--pad-sizes", *map(str, args.pad_sizes)]
     cmd += (["--quick"] if args.quick else []) + (["--data", args.data, "--tokenizer", args.tokenizer] if args.data else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -364,6 +402,8 @@ def main(argv=None):
     p.add_argument("--sample-batches", type=int, default=4, help="with --data: batches timed per repeat")
     p.add_argument("--run-steps", type=int, default=6900, help="the steps of the run whose --compile auto the "
                    "default decides (a paper tsm run: 30 epochs of 230 batches)")
+    p.add_argument("--pad-sizes", type=int, nargs="+", default=[16, 32, 64, 128],
+                   help="xlmr_mini-cached-padded: the lengths batches are padded up to")
     p.add_argument("--json", action="store_true", help="print one JSON object per implementation; record nothing")
     p.add_argument("--quick", action="store_true", help="tiny shapes, prints only")
     p.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
@@ -406,6 +446,8 @@ def main(argv=None):
              f"batch {args.batch}, attention target {args.att_target}")
     if args.data:
         title += f"; real tweets: {args.sample_batches} batches at evenly spaced positions of an epoch"
+        if "xlmr_mini-cached-padded" in args.impls:
+            notes += padding_notes(args)
     if not args.quick and not args.json:
         append_results(title, header, rows, "\n".join(f"- {n}" for n in notes))
 

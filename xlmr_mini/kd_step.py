@@ -73,12 +73,17 @@ def forward_loss(student, proj, input_ids, mask, labels, teacher_out, loss_cfg: 
 ACTIVATION_MEMORY_BUDGET = 0.5
 
 
-def compile_forward_loss(backend: str = "inductor"):
+def compile_forward_loss(backend: str = "inductor", dynamic: bool | None = None):
     """`forward_loss` compiled whole (fullgraph=True). The live teacher's outputs are inference
     tensors; a compiled graph may save its inputs for backward, which autograd forbids for those,
     so they are first copied into normal tensors (only the tapped layers: a small, short-lived
-    copy). The teacher cache's are normal tensors already."""
-    compiled = torch.compile(forward_loss, fullgraph=True, backend=backend)
+    copy). The teacher cache's are normal tensors already.
+
+    `dynamic` as torch.compile takes it. Training leaves it None: the first batch's shapes compile
+    a static graph, the second length recompiles one with a dynamic sequence length, and that graph
+    serves every later length (two graphs per run; `bench.kd_step`'s xlmr_mini-cached-padded row
+    measures the alternative, batches padded to a few lengths each with its static graph)."""
+    compiled = torch.compile(forward_loss, fullgraph=True, backend=backend, dynamic=dynamic)
 
     def loss_fn(student, proj, input_ids, mask, labels, teacher_out, *args):
         with torch._functorch.config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET):
