@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xlmr_mini.hardware import cpu_model  # noqa: F401 (bench.kernels_aot imports it from here)
+
 
 @dataclass
 class Measurement:
@@ -98,16 +100,6 @@ def measure(name, fn, items: float, rate_unit: str = "samples/s", warmup: int = 
         peak = rss.peak - (rss.base if mem_base_mb is None else mem_base_mb)
     med = statistics.median(times)
     return Measurement(name, med, (max(times) - min(times)) / 2, peak, items / med, rate_unit)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def environment(device: str | None = None) -> str:

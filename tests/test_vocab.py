@@ -181,6 +181,22 @@ def test_trim_rejects_a_bpe_tokenizer_with_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Precision
 # ---------------------------------------------------------------------------------------------
+def test_cpus_sold_under_one_name_but_with_other_bf16_units_are_probed_apart(tmp_path, monkeypatch):
+    """A cloud's "AMD EPYC" with avx512_bf16 and one with AVX2 only: bf16 decided for each by its own probe."""
+    with_bf16 = "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 sha_ni\n"
+    avx2 = "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 sha_ni\n"
+    assert hardware.cpu_model(with_bf16) == "AMD EPYC (avx2, avx512f, avx512_bf16)"
+    assert hardware.cpu_model(avx2) == "AMD EPYC (avx2)"
+    assert hardware.cpu_model("model name : Neoverse-V2\nFeatures : fp asimd sve bf16\n") == "Neoverse-V2 (asimd, sve, bf16)"
+    speed, read = {"AMD EPYC (avx2, avx512f, avx512_bf16)": 3.0, "AMD EPYC (avx2)": 0.0125}, hardware.cpu_model
+    for info in (with_bf16, avx2):
+        monkeypatch.setattr(hardware, "cpu_model", lambda info=info: read(info))
+        monkeypatch.setattr(hardware, "_bf16_probe", lambda: {"cpu": hardware.cpu_model(),
+                                                               "speedup": speed[hardware.cpu_model()]})
+        assert hardware.cpu_bf16_speedup(tmp_path)["speedup"] == speed[hardware.cpu_model()]
+    assert len(list((tmp_path / "hardware").iterdir())) == 2
+
+
 def test_precision_auto_resolves_and_caches_the_probe(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     assert hardware.resolve_precision("fp32", cpu, 768, tmp_path) == "fp32"

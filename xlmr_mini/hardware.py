@@ -89,14 +89,30 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# The instruction sets that decide how fast this CPU runs fp32 and bf16 matmuls (x86, then Arm).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve", "bf16")
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its ISA_FLAGS, e.g. "AMD EPYC (avx2, avx512f, avx512_bf16)", from
+    `cpuinfo` (default: /proc/cpuinfo). The name alone does not tell machines apart: one cloud sells
+    CPUs with and without bf16 units under one name, and a probe cached for one (bf16 fast, or 80x
+    slower) must not decide for the other."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    name, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name is None:
+            name = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    name = name or platform.processor() or platform.machine()
+    isa = [f for f in ISA_FLAGS if f in flags]
+    return f"{name} ({', '.join(isa)})" if isa else name
 
 
 def device_name(device: torch.device) -> str:
