@@ -34,8 +34,9 @@ setup(
     ],
     # setuptools: tests build and install the package itself (tests/test_install.py).
     # tensorboard does not depend on torch (torch.utils.tensorboard writes through it).
-    extras_require={"test": ["pytest>=7", "transformers>=4.45", "setuptools>=70.1", "matplotlib>=3.5",
-                             "tensorboard>=2.10"],
+    # pytest-xdist: setup.cfg runs the tests one worker per core, a test module per worker.
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "transformers>=4.45", "setuptools>=70.1",
+                             "matplotlib>=3.5", "tensorboard>=2.10"],
                     "plot": ["matplotlib>=3.5"],
                     "tensorboard": ["tensorboard>=2.10"]},
 )

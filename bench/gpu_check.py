@@ -237,7 +237,7 @@ def kd_step(args, device) -> tuple[bool, list[dict]]:
         ns = argparse.Namespace(batch=batch, vocab=1000 if quick else 250002, repeats=1 if quick else 5,
                                 att_target="probs", kept=300 if quick else bench_step.TSM_KEPT, sample_batches=4,
                                 quick=quick, data=None, tokenizer=None, student_hidden=student_hidden, seq=seq,
-                                run_steps=6900)
+                                run_steps=6900, pad_sizes=bench_step.PAD_SIZES)
         t, s = bench_step.shapes(ns, student_hidden)
         impls = ["transformers-bf16", "xlmr_mini"]
         if quick or (student_hidden, batch, seq) == (768, 32, 64):  # the paper's shape: the tuned baseline, the cache

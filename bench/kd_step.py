@@ -61,6 +61,7 @@ IMPLS = ("transformers", "transformers-bf16", "transformers-bf16-trimmed", "xlmr
          "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled", "xlmr_mini-cached",
          "xlmr_mini-cached-compiled", "xlmr_mini-cached-padded")
 DEFAULT_IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16")
+PAD_SIZES = (16, 32, 64, 128)  # xlmr_mini-cached-padded's default lengths
 TSM_KEPT = 34_855  # distinct XLM-R pieces over every tweet_sentiment_multilingual split, plus specials
 
 
@@ -402,7 +403,7 @@ def main(argv=None):
     p.add_argument("--sample-batches", type=int, default=4, help="with --data: batches timed per repeat")
     p.add_argument("--run-steps", type=int, default=6900, help="the steps of the run whose --compile auto the "
                    "default decides (a paper tsm run: 30 epochs of 230 batches)")
-    p.add_argument("--pad-sizes", type=int, nargs="+", default=[16, 32, 64, 128],
+    p.add_argument("--pad-sizes", type=int, nargs="+", default=list(PAD_SIZES),
                    help="xlmr_mini-cached-padded: the lengths batches are padded up to")
     p.add_argument("--json", action="store_true", help="print one JSON object per implementation; record nothing")
     p.add_argument("--quick", action="store_true", help="tiny shapes, prints only")

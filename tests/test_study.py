@@ -333,7 +333,7 @@ def test_real_tsm_with_an_xlmr_layout_base(cache, tmp_path):
     common = ["--data", tsm, "--base", str(base), "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
               "--max-length", "32", "--num-threads", "1", "--seed", "1"]
     main(["table5", "--max-steps", "2"] + common)
-    main(["table3", "--epochs", "1", "--batch-size", "32"] + common)
+    main(["table3", "--max-steps", "4", "--batch-size", "32"] + common)
     t5 = (tmp_path / "s" / "table5.md").read_text()
     assert "dev split (the data has no test split" in t5 and "67.61" in t5 and "33.33" in t5
     records = _rows(tmp_path / "s" / "table3.csv")
