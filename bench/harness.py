@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xlmr_mini.hardware import cpu_model  # noqa: F401 (bench.kernels_aot imports it from here)
+from xlmr_mini.hardware import cpu_model
 
 
 @dataclass

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.epoch_padding import pad_to
 from bench.harness import append_results, measure, rss_mb
 
 IMPLS = ("transformers", "transformers-bf16", "transformers-bf16-trimmed", "xlmr_mini", "xlmr_mini-fp32",
@@ -109,11 +110,6 @@ def real_data(args):
 def pad_length(length: int, sizes) -> int:
     """The smallest of `sizes` that holds `length` (the largest when none does)."""
     return next((n for n in sorted(sizes) if n >= length), max(sizes))
-
-
-def padded(ids, mask, sizes, pad_id: int = 1):
-    extra = pad_length(ids.shape[1], sizes) - ids.shape[1]
-    return F.pad(ids, (0, extra), value=pad_id), F.pad(mask, (0, extra))
 
 
 def padding_notes(args) -> list[str]:
@@ -291,8 +287,8 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
     if pad:  # a static graph per (rows, length) shape, besides the other rows' graphs of the same function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     table = torch.from_numpy(vocab.old_to_new) if vocab is not None else None
-    work = [(*padded(ids, mask, args.pad_sizes), labels) if pad else (ids, mask, labels)
-            for ids, mask, labels in workload(args, device)]
+    work = [(*pad_to({"input_ids": ids, "attention_mask": mask}, pad_length(ids.shape[1], args.pad_sizes), 1), labels)
+            if pad else (ids, mask, labels) for ids, mask, labels in workload(args, device)]
     data = [{"input_ids": ids if table is None else table[ids.cpu()].to(device), "attention_mask": mask, "labels": labels}
             for ids, mask, labels in work]
     if cached:
