@@ -25,6 +25,8 @@ Implementations (`--impls`):
 - xlmr_mini-compiled: the default with `--compile on`'s compiled forward+loss.
 - transformers-bf16-trimmed: transformers-bf16 on a vocabulary trimmed beforehand to the task's
   rows (what a user who knows vocabtrimmer does): the well-tuned baseline at equal settings.
+  transformers-trimmed: the same in fp32, the well-tuned baseline on a CPU whose bf16 matmuls
+  are slower than fp32 ones (where `--precision auto` picks fp32).
 - xlmr_mini-cached: the default reading the teacher's outputs from a `teacher_cache` built over
   the timed batches first (an epoch after the first; the build is not timed): no teacher forward.
 - xlmr_mini-cached-compiled: the same with `--compile on` (training's compile: one static graph,
@@ -33,6 +35,10 @@ Implementations (`--impls`):
   batch padded to the next of `--pad-sizes` (padded positions are masked out of every loss term)
   and compiled with `dynamic=False`, a static graph per size (and per batch size). With --data,
   the notes give the epoch's padded tokens in both layouts and the graphs each compiled.
+- xlmr_mini-cached-recompute: xlmr_mini-cached with `--recompute` (each student layer's
+  activations recomputed in the backward pass); transformers-trimmed-recompute and
+  transformers-bf16-trimmed-recompute: the trimmed baselines with transformers' own
+  `gradient_checkpointing_enable()`, the same trade on its side.
 
 Each implementation runs in its own process so that peak memory is its own: the peak during the
 timed steps of everything the process holds (weights, optimizer state, activations) above the
@@ -58,9 +64,10 @@ import torch.nn.functional as F
 from bench.epoch_padding import pad_to
 from bench.harness import append_results, measure, rss_mb
 
-IMPLS = ("transformers", "transformers-bf16", "transformers-bf16-trimmed", "xlmr_mini", "xlmr_mini-fp32",
-         "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled", "xlmr_mini-cached",
-         "xlmr_mini-cached-compiled", "xlmr_mini-cached-padded")
+IMPLS = ("transformers", "transformers-bf16", "transformers-bf16-trimmed", "transformers-trimmed", "xlmr_mini",
+         "xlmr_mini-fp32", "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled", "xlmr_mini-cached",
+         "xlmr_mini-cached-compiled", "xlmr_mini-cached-padded", "xlmr_mini-cached-recompute",
+         "transformers-trimmed-recompute", "transformers-bf16-trimmed-recompute")
 DEFAULT_IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16")
 PAD_SIZES = (16, 32, 64, 128)  # xlmr_mini-cached-padded's default lengths
 TSM_KEPT = 34_855  # distinct XLM-R pieces over every tweet_sentiment_multilingual split, plus specials
@@ -151,7 +158,7 @@ def batch(args, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def transformers_step(args, t, s, device, bf16, trimmed=False):
+def transformers_step(args, t, s, device, bf16, trimmed=False, recompute=False):
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
     kept = kept_vocab(args)
@@ -164,6 +171,8 @@ def transformers_step(args, t, s, device, bf16, trimmed=False):
         return XLMRobertaForSequenceClassification(cfg).to(device)
 
     teacher, student = model(t).eval(), model(s).train()
+    if recompute:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fit_dense = torch.nn.Linear(s["hidden"], t["hidden"]).to(device)
     params = list(student.parameters()) + list(fit_dense.parameters())
     opt = torch.optim.AdamW(params, lr=5e-5)
@@ -237,7 +246,8 @@ def cache_teacher_outputs(ctx, data, t, precision, device) -> None:
         start += len(b["labels"])
 
 
-def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False, pad=False):
+def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False, pad=False,
+                   recompute=False):
     from pathlib import Path
 
     from xlmr_mini.checkpoint import build_model, hf_state_dict
@@ -267,6 +277,7 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
     (teacher, _), (student, initial_rows) = model(t), model(s)
     teacher.eval().requires_grad_(False)
     student.train()
+    student.recompute = recompute
     if vocab is not None:
         rows = offload_rows(initial_rows, Path(default_cache_dir()) / "tmp")  # as run_setup.build_context does
         vocab = VocabTrim(kept=vocab.kept, full_size=args.vocab, initial_rows=rows)
@@ -300,18 +311,19 @@ def xlmr_mini_step(args, t, s, device, precision, trimmed, compiled, loss_impl, 
 def build(args, impl, t, s, device, shared=None):
     """(step function, precision, vocabulary rows, xlmr_mini's kd_impl and compile as run) of one
     implementation; `shared` reuses the transformers models for both of its precisions."""
-    if impl == "transformers-bf16-trimmed":
-        return transformers_step(args, t, s, device, True, trimmed=True), "bf16", len(kept_vocab(args)), None
+    words = impl.split("-")
     if impl.startswith("transformers"):
-        precision = "bf16" if impl.endswith("bf16") else "fp32"
-        if shared is not None:
-            return (lambda: shared(precision == "bf16")), precision, args.vocab, {}
-        return transformers_step(args, t, s, device, precision == "bf16"), precision, args.vocab, {}
+        bf16, trimmed, recompute = "bf16" in words, "trimmed" in words, "recompute" in words
+        precision = "bf16" if bf16 else "fp32"
+        if shared is not None and not trimmed and not recompute:
+            return (lambda: shared(bf16)), precision, args.vocab, {}
+        step = transformers_step(args, t, s, device, bf16, trimmed=trimmed, recompute=recompute)
+        return step, precision, len(kept_vocab(args)) if trimmed else args.vocab, {}
     wanted = {"xlmr_mini-fp32": "fp32", "xlmr_mini-bf16": "bf16", "xlmr_mini-full-vocab": "fp32"}.get(impl, "auto")
     trimmed = impl != "xlmr_mini-full-vocab"
-    words = impl.split("-")
     step, precision, plan = xlmr_mini_step(args, t, s, device, wanted, trimmed, "compiled" in words, kd_impl(impl),
-                                           cached="cached" in words, pad="padded" in words)
+                                           cached="cached" in words, pad="padded" in words,
+                                           recompute="recompute" in words)
     return step, precision, len(kept_vocab(args)) if trimmed else args.vocab, plan.record()
 
 
@@ -401,6 +413,8 @@ def main(argv=None):
                    "default decides (a paper tsm run: 30 epochs of 230 batches)")
     p.add_argument("--pad-sizes", type=int, nargs="+", default=list(PAD_SIZES),
                    help="xlmr_mini-cached-padded: the lengths batches are padded up to")
+    p.add_argument("--baseline", default="transformers", choices=IMPLS,
+                   help="the row the speed and memory ratios divide by (when it is among --impls)")
     p.add_argument("--json", action="store_true", help="print one JSON object per implementation; record nothing")
     p.add_argument("--quick", action="store_true", help="tiny shapes, prints only")
     p.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
@@ -422,7 +436,7 @@ def main(argv=None):
                 for impl, (median_s, spread_s) in interleaved(args, list(args.impls), student_hidden, seq).items():
                     results[impl].update(s_per_step=median_s, spread_s=spread_s, samples_per_s=items / median_s,
                                          timing="interleaved")
-            base = results.get("transformers")
+            base = results.get(args.baseline)
             for impl, r in results.items():
                 if args.json:
                     print(json.dumps(r), flush=True)
@@ -438,7 +452,7 @@ def main(argv=None):
                     notes.append(f"{impl}: est. {r['epoch_examples'] / r['samples_per_s'] / 60:,.1f} min per epoch "
                                  f"of {r['epoch_examples']:,} tweets (6L/{student_hidden})")
     header = ("| student | seq | implementation | KD loss | precision | vocabulary rows | ms/step (median ± half-range) "
-              "| samples/s | speed vs transformers fp32 | peak MB | memory vs transformers fp32 | first step s |")
+              f"| samples/s | speed vs {args.baseline} | peak MB | memory vs {args.baseline} | first step s |")
     title = (f"KD train step, teacher 12L/768 -> students 6L, vocab {args.vocab:,} (task rows {args.kept:,}), "
              f"batch {args.batch}, attention target {args.att_target}")
     if args.data:

@@ -17,7 +17,7 @@ from xlmr_mini.copy_weights import scratch_state_dict
 from xlmr_mini.data import build_demo
 from xlmr_mini.errors import InputError
 from xlmr_mini.kd_loss import HiddenProjection, KDLossConfig, kd_taps
-from xlmr_mini.model import XLMRClassifier, init_weights
+from xlmr_mini.model import Attention, Dropout, XLMRClassifier, init_weights
 from xlmr_mini.demo_models import demo_architecture
 from xlmr_mini.kd_step import compile_forward_loss, forward_loss, train_step
 from xlmr_mini.train import main, train
@@ -234,9 +234,10 @@ def _tiny_pair():
     return model(4, 64, 0).eval(), model(2, 32, 1).train()
 
 
-def test_compiled_kd_step_matches_eager():
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
+def test_compiled_kd_step_matches_eager(recompute):
     """The KD training step's forward + loss compiles with fullgraph=True (reference path, CPU) and
-    gives the eager loss and gradients."""
+    gives the eager loss and gradients; also with --recompute's checkpointed layers."""
     teacher, student = _tiny_pair()
     proj = HiddenProjection(32, 64)
     loss_cfg = KDLossConfig()
@@ -245,6 +246,13 @@ def test_compiled_kd_step_matches_eager():
     with torch.inference_mode():
         t_out = teacher(ids, mask, kd_taps(loss_cfg, [1, 3]))
     student.eval()  # no dropout: the two runs must see the same function
+    if recompute:  # checkpointing acts in training mode only: train, with the dropouts at 0
+        student.train().recompute = True
+        for m in student.modules():
+            if isinstance(m, Dropout):
+                m.p = 0.0
+            elif isinstance(m, Attention):
+                m.dropout_p = 0.0
     results = []
     for fn in (forward_loss, compile_forward_loss("inductor")):
         student.zero_grad()
@@ -468,6 +476,23 @@ def test_trimmed_vocabulary_run_equals_the_full_one(weight_decay, demo_teacher, 
         scale = math.prod(1.0 - lr * weight_decay for lr in used[: trimmed["best_step"]])
         shrunk = torch.isclose(rows, start * scale, rtol=1e-6, atol=0).all(dim=1) & (rows != start).any(dim=1)
         assert scale < 0.999 and int(shrunk.sum()) >= vocab - trimmed["trained_vocab"]
+
+
+def test_recompute_run_is_the_same_run(demo_teacher, cache, tmp_path):
+    """--recompute: the same losses and the same saved model as without it, bit for bit (dropout
+    on), and the run's identity is unchanged, so a run started without it resumes with it."""
+    common = ["--init", "from-teacher", "--teacher", str(demo_teacher), "--layers", "2", "--max-steps", "4",
+              "--eval-steps", "2", "--cache-dir", str(cache), "--num-threads", "1", "--precision", "fp32"]
+    main(common + ["--out", str(tmp_path / "plain")])
+    main(common + ["--out", str(tmp_path / "recompute"), "--recompute"])
+    losses = [[r["loss"] for r in _records(tmp_path / name) if r["type"] == "train"] for name in ("plain", "recompute")]
+    assert len(losses[0]) == 4 and losses[1] == losses[0]
+    a, b = (load_file(tmp_path / name / "best" / "model.safetensors") for name in ("plain", "recompute"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert main(common + ["--out", str(tmp_path / "split"), "--stop-after", "2"]) == {"stopped_at": 2}
+    main(common + ["--out", str(tmp_path / "split"), "--resume", "--recompute"])
+    assert [r["loss"] for r in _records(tmp_path / "split") if r["type"] == "train"] == losses[0]
 
 
 def _step_context(loss_norm: str, impl: str = "reference"):

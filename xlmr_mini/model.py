@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from xlmr_mini.config import XLMRConfig
@@ -178,6 +179,10 @@ class XLMRClassifier(nn.Module):
     def __init__(self, cfg: XLMRConfig):
         super().__init__()
         self.cfg = cfg
+        # Activation checkpointing in training (`--recompute`): each layer keeps only its input
+        # for the backward pass and runs its forward again there. The same numbers (the recompute
+        # replays torch's RNG state, so dropout draws the same masks) for a third more compute.
+        self.recompute = False
         self.embed = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.head = ClassificationHead(cfg)
@@ -196,11 +201,31 @@ class XLMRClassifier(nn.Module):
             layer_taps = taps if i in tapped else None
             # The head reads only `<s>`: an untapped last layer computes that one position (the
             # keys and values still see every token), the same numbers for 1/T of the work.
-            x = layer(x, keep, layer_taps, out, first_only=i == last and layer_taps is None)
+            first_only = i == last and layer_taps is None
+            if self.recompute and self.training and torch.is_grad_enabled():
+                x = _recomputed(layer, x, keep, layer_taps, out, first_only)
+            else:
+                x = layer(x, keep, layer_taps, out, first_only=first_only)
             if layer_taps is not None and taps.hidden:
                 out.hidden.append(x)
         out.logits = self.head(x)
         return out
+
+
+def _recomputed(layer: Layer, x, keep, taps: Taps | None, out: Output, first_only: bool) -> torch.Tensor:
+    """`layer` under activation checkpointing. Its taps come back as outputs of the checkpointed
+    function and are recorded here, so the recomputation in the backward pass records nothing."""
+    def run(x):
+        own = Output(logits=x.new_empty(0))
+        y = layer(x, keep, taps, own, first_only=first_only)
+        return y, own.scores, own.probs, own.q, own.k
+
+    y, scores, probs, q, k = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    out.scores += scores
+    out.probs += probs
+    out.q += q
+    out.k += k
+    return y
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from xlmr_mini.train_config import TrainConfig
 
 INPUTS = ("data", "teacher", "base")  # TrainConfig fields that are paths: identified by content
 # Study overrides that do not change a result (as TrainConfig.identity ignores them).
-RESULT_NEUTRAL = ("device", "num-threads", "cache-dir", "deterministic", "teacher-cache")
+RESULT_NEUTRAL = ("device", "num-threads", "cache-dir", "deterministic", "teacher-cache", "recompute")
 
 
 def run_identity(cfg: TrainConfig, teacher_dir: str | Path | None) -> dict:

@@ -210,6 +210,7 @@ def build_context(cfg: TrainConfig, setup: Setup, seed: int, device, total_steps
         vocab = dataclasses.replace(setup.vocab, full_size=scfg.vocab_size, initial_rows=rows)
         scfg, sd = trim_config(scfg, vocab), trim_state_dict(sd, vocab)
     student = build_model(scfg, sd, device=device, dtype=torch.float32).train()
+    student.recompute = cfg.recompute
     loss_cfg = KDLossConfig(kd=not cfg.no_kd, att_target=cfg.att_target, hid_proj=cfg.hid_proj, impl=plan.kd_impl,
                             loss_norm=cfg.loss_norm)
     tcfg, proj, lmap = None, None, []

@@ -63,7 +63,8 @@ DEMO_TEACHER_EPOCHS, DEMO_STUDENT_EPOCHS = 20, DEMO_EPOCHS
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 TABLE_SETTINGS = "study.json"  # plan -> the settings its PLAN.md and PLAN.csv were made with
 OVERRIDES = ("epochs", "max_steps", "batch_size", "eval_steps", "lr", "max_length", "device", "num_threads",
-             "cache_dir", "att_target", "kd_impl", "compile", "deterministic", "teacher_cache")
+             "cache_dir", "att_target", "kd_impl", "compile", "deterministic", "teacher_cache",
+             "recompute")
 
 
 def _parser() -> argparse.ArgumentParser:
