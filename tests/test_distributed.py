@@ -81,14 +81,16 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(wb[key], wa[key], atol=atol, rtol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("impl, accum", [("reference", 1), ("reference", 3), ("fused", 1)],
-                         ids=["one-pass", "grad-accum", "fused"])
-def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path, impl, accum):
+@pytest.mark.parametrize("impl, accum, extra", [("reference", 1, []), ("reference", 3, []), ("fused", 1, []),
+                                                ("reference", 1, ["--recompute"])],
+                         ids=["one-pass", "grad-accum", "fused", "recompute"])
+def test_two_processes_train_the_one_process_weights(teacher, cache, tmp_path, impl, accum, extra):
     """Also with --grad-accum: each process runs its share in passes, gradients all-reduced once.
-    Fused: the kernels (interpreted on CPU) divide by the global batch's counts too."""
+    Fused: the kernels (interpreted on CPU) divide by the global batch's counts too. --recompute:
+    DDP's all-reduce with the layers run again in the backward pass."""
     impl_args = ["--kd-impl", impl] + (["--max-length", "24"] if impl == "fused" else [])  # interpreted: short rows
     main(_args(teacher, cache, tmp_path / "one", 6, 3) + impl_args)
-    two_args = _args(teacher, cache, tmp_path / "two", 6, 3) + impl_args + ["--grad-accum", str(accum)]
+    two_args = _args(teacher, cache, tmp_path / "two", 6, 3) + impl_args + ["--grad-accum", str(accum)] + extra
     code, out = _finish(_torchrun(two_args, uuid.uuid4().hex))
     assert code == 0, out[-3000:]
     _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)

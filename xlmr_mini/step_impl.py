@@ -132,7 +132,8 @@ def _decide_compile(ctx: StepContext, plan: StepPlan, probe: "_Probe", machine: 
                           f"compile to pay back"}
     cfg = ctx.student.cfg
     shape = (f"student {cfg.num_hidden_layers}L/{cfg.hidden_size}/{cfg.num_attention_heads}h/"
-             f"{cfg.intermediate_size}/{cfg.vocab_size}, {plan.kd_impl}, kd {ctx.loss_cfg.kd}")
+             f"{cfg.intermediate_size}/{cfg.vocab_size}, {plan.kd_impl}, kd {ctx.loss_cfg.kd}"
+             + (", recompute" if ctx.student.recompute else ""))  # another graph, another speedup
     outcome, cached = cached_probe(cache_dir, "compile-probe", "|".join([*machine, shape]),
                                    lambda: probe.time_compiled(plan.kd_impl, ctx.loss_fn, eager_s, atol, rtol))
     outcome = _all_ranks(outcome)

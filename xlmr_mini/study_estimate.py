@@ -41,6 +41,7 @@ def _context(probe: TrainConfig, teacher_cfg: XLMRConfig, spec: StudentSpec | No
         student = build_model(scfg, scratch_state_dict(scfg, 1), device=device).train()
         lmap = layer_map(teacher_cfg.num_hidden_layers, scfg.num_hidden_layers)
         teacher = teacher.eval().requires_grad_(False) if kd else None
+    student.recompute = probe.recompute  # --recompute's layers run twice: the estimate times that
     proj = HiddenProjection(student.cfg.hidden_size, teacher_cfg.hidden_size).to(device) if kd else None
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     optimizer = make_optimizer(params, 1e-5, 0.0)
