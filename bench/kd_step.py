@@ -65,8 +65,8 @@ from bench.epoch_padding import pad_to
 from bench.harness import append_results, measure, rss_mb
 
 IMPLS = ("transformers", "transformers-bf16", "transformers-bf16-trimmed", "transformers-trimmed", "xlmr_mini",
-         "xlmr_mini-fp32", "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled", "xlmr_mini-cached",
-         "xlmr_mini-cached-compiled", "xlmr_mini-cached-padded", "xlmr_mini-cached-recompute",
+         "xlmr_mini-fp32", "xlmr_mini-bf16", "xlmr_mini-fused", "xlmr_mini-full-vocab", "xlmr_mini-compiled",
+         "xlmr_mini-cached", "xlmr_mini-cached-compiled", "xlmr_mini-cached-padded", "xlmr_mini-cached-recompute",
          "transformers-trimmed-recompute", "transformers-bf16-trimmed-recompute")
 DEFAULT_IMPLS = ("transformers", "transformers-bf16", "xlmr_mini", "xlmr_mini-fp32", "xlmr_mini-bf16")
 PAD_SIZES = (16, 32, 64, 128)  # xlmr_mini-cached-padded's default lengths

@@ -237,7 +237,7 @@ def test_kd_step_bench_rows_say_which_kd_loss_ran(impl, capsys, monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU without the interpreter: the fallback
     ran = []
-    def step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False, pad=False):
+    def step(args, t, s, device, precision, trimmed, compiled, loss_impl, cached=False, pad=False, recompute=False):
         ran.append(loss_impl)  # what the row asked for, planned as training plans it (no self-check here)
         return (lambda: None), "fp32", plan_step(loss_impl, "off", torch.device("cpu"), True, "masked")
 
