@@ -12,15 +12,15 @@ Sections (each runs apart: one that fails is recorded with its error and the oth
    with the errors and the self-check's tolerances (`xlmr_mini.step_impl.TOLERANCES`).
 3. kernel bandwidth: the fused kernels timed at those shapes, the bytes they must move
    (`bench.roofline.kernel_work`) over the time, against the roofline estimate for A100 and H100.
-4. KD step: `bench.kd_step` (each implementation in its own process) for students 6L/768 and
-   6L/384, batch 8 and 32, T 64 and 128: its transformers baseline under bf16 autocast (full
-   vocabulary) against the project default (`--kd-impl auto`, `--compile auto`, `--precision
-   auto`, the task's vocabulary rows); at the paper's shape (6L/768, batch 32, T 64) also the
-   baseline on the trimmed vocabulary and the default reading a teacher cache; samples/s, peak
-   memory, MFU
+4. KD step: `bench.kd_step` (each implementation in its own process) for students 6L/768 and 6L/384,
+   batch 8 and 32, T 64 and 128: its transformers baseline under bf16 autocast (full vocabulary)
+   against the project default (`--kd-impl auto`, `--compile auto`, `--precision auto`, the task's
+   vocabulary rows); at the paper's shape (6L/768, batch 32, T 64) also the baseline on the trimmed
+   vocabulary and the default reading a teacher cache, each also with activation checkpointing
+   (transformers' `gradient_checkpointing_enable()`, `--recompute`); samples/s, peak memory, MFU
    (model FLOPs: 2 N per token for the teacher's forward, 6 N for the student's forward and
-   backward, N the encoder layers' weights; attention matmuls left out) against the GPU's bf16
-   dense peak.
+   backward, N the encoder layers' weights; attention matmuls left out) against the GPU's bf16 dense
+   peak.
 5. self-check: `python -m xlmr_mini.train` as a user runs it, on the demo data with a random
    12-layer, 768-wide teacher (the smoke: 2 layers, 64 wide) and a half-depth student for two
    steps; what its results.json says ran and the self-check's outcome.
@@ -240,8 +240,10 @@ def kd_step(args, device) -> tuple[bool, list[dict]]:
                                 run_steps=6900, pad_sizes=bench_step.PAD_SIZES)
         t, s = bench_step.shapes(ns, student_hidden)
         impls = ["transformers-bf16", "xlmr_mini"]
-        if quick or (student_hidden, batch, seq) == (768, 32, 64):  # the paper's shape: the tuned baseline, the cache
-            impls += ["transformers-bf16-trimmed", "xlmr_mini-cached"]
+        if quick or (student_hidden, batch, seq) == (768, 32, 64):  # the paper's shape: the tuned baseline, the
+            # cache, and activation checkpointing on both sides
+            impls += ["transformers-bf16-trimmed", "xlmr_mini-cached", "transformers-bf16-trimmed-recompute",
+                      "xlmr_mini-cached-recompute"]
         for impl in impls:
             r = bench_step.spawn(ns, impl, student_hidden, seq)
             peak = bf16_peak(r["device"])

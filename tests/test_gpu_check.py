@@ -17,7 +17,8 @@ def test_cpu_smoke_writes_every_section_to_json_and_markdown(tmp_path, capsys):
     assert all(r["grad_max_error_rel_to_largest"] <= r["atol"] + r["rtol"] for r in errors)
     assert all(r["measured_us"] > 0 and r["achieved_GB_s"] > 0 for r in sections["kernel bandwidth"]["rows"])
     step = {r["implementation"]: r for r in sections["KD step"]["rows"]}
-    assert step.keys() == {"transformers-bf16", "transformers-bf16-trimmed", "xlmr_mini", "xlmr_mini-cached"}
+    assert step.keys() == {"transformers-bf16", "transformers-bf16-trimmed", "xlmr_mini", "xlmr_mini-cached",
+                           "transformers-bf16-trimmed-recompute", "xlmr_mini-cached-recompute"}
     assert all(r["samples_per_s"] > 0 for r in step.values())
     assert step["xlmr_mini"]["step_impl"]["kd_impl"] == {"asked": "auto", "used": "reference"}  # CPU: the reference
     assert sections["self-check"]["rows"][0]["kd_impl"]["used"] == "reference"
