@@ -25,7 +25,7 @@ Implementations (`--impls`):
 - xlmr_mini-compiled: the default with `--compile on`'s compiled forward+loss.
 - transformers-bf16-trimmed: transformers-bf16 on a vocabulary trimmed beforehand to the task's
   rows (what a user who knows vocabtrimmer does): the well-tuned baseline at equal settings.
-  transformers-trimmed: the same in fp32, the well-tuned baseline on a CPU whose bf16 matmuls
+- transformers-trimmed: the same in fp32, the well-tuned baseline on a CPU whose bf16 matmuls
   are slower than fp32 ones (where `--precision auto` picks fp32).
 - xlmr_mini-cached: the default reading the teacher's outputs from a `teacher_cache` built over
   the timed batches first (an epoch after the first; the build is not timed): no teacher forward.

@@ -181,7 +181,7 @@ class XLMRClassifier(nn.Module):
         self.cfg = cfg
         # Activation checkpointing in training (`--recompute`): each layer keeps only its input
         # for the backward pass and runs its forward again there. The same numbers (the recompute
-        # replays torch's RNG state, so dropout draws the same masks) for a third more compute.
+        # replays torch's RNG state, so dropout draws the same masks) for a second forward pass.
         self.recompute = False
         self.embed = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))

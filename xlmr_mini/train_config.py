@@ -104,8 +104,8 @@ class TrainConfig:
     grad_accum: int = _field(1, "gradient accumulation: run each batch as this many smaller forward/backward passes "
                              "(for a small GPU); the optimizer step and the batch stay --batch-size's")
     recompute: bool = _field(False, "activation checkpointing: keep only each student layer's input for the backward "
-                             "pass and run the layer's forward again there (the same run; a third more student "
-                             "compute for a fraction of the activation memory, bench/RESULTS.md)")
+                             "pass and run the layer's forward again there (the same run; slower, for a fraction of "
+                             "the activation memory: bench/RESULTS.md)")
     eval_batch_size: int = _field(64, "evaluation batch size")
     lr: float | None = _field(None, f"peak learning rate (default: {PAPER_LR}, transformers' default; the demo: {DEMO_LR})")
     weight_decay: float = _field(0.0, "AdamW weight decay")
